@@ -1,0 +1,75 @@
+"""Which role each route needs, and the middleware that enforces it.
+
+Handlers declare their role with `@requires(Role.X)` or `@public`. A handler that declares nothing is
+refused to everyone: forgetting the declaration can never open a route. Requests for unknown routes need
+a credential too, so the route map is not revealed to strangers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from .access import REQUEST_KEY_ID
+from .appkeys import AUDIT, KEYRING
+from .auth import AuthFailure
+from .http_errors import Handler, json_error
+from .keys import KeyRecord
+from .roles import Role
+from .store import AuditRecord
+
+_ATTR = "llmfleet_role"
+_PUBLIC = "public"
+REQUEST_KEY = "llmfleet_key"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def requires(role: Role) -> Callable[[F], F]:
+    def mark(handler: F) -> F:
+        setattr(handler, _ATTR, role)
+        return handler
+
+    return mark
+
+
+def public(handler: F) -> F:
+    setattr(handler, _ATTR, _PUBLIC)
+    return handler
+
+
+def request_key(request: web.Request) -> KeyRecord:
+    key: KeyRecord = request[REQUEST_KEY]
+    return key
+
+
+@web.middleware
+async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    match_info = request.match_info
+    route_handler = getattr(match_info, "handler", None)
+    needed = getattr(route_handler, _ATTR, None)
+    if needed == _PUBLIC:
+        return await handler(request)
+    result = await request.app[KEYRING].authenticate(request)
+    if isinstance(result, AuthFailure):
+        if result.key_id:
+            request[REQUEST_KEY_ID] = result.key_id
+        return json_error(result.status, result.message, {"WWW-Authenticate": 'Bearer realm="llmfleet"'})
+    request[REQUEST_KEY] = result
+    request[REQUEST_KEY_ID] = result.id
+    http_exception = getattr(match_info, "http_exception", None)
+    if http_exception is not None:  # unknown route or method: say so, now that we know who asks
+        raise http_exception
+    if not isinstance(needed, Role):
+        return json_error(403, f"{request.method} {request.path} is not open to any role")
+    if not result.role.allows(needed):
+        detail = {"path": request.path, "method": request.method, "role": result.role.value}
+        request.app[AUDIT].add(AuditRecord("forbidden", result.id, detail))
+        return json_error(
+            403,
+            f"key {result.id} has role {result.role.value}; {request.method} {request.path} "
+            f"needs {needed.value}",
+        )
+    return await handler(request)

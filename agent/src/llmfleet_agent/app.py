@@ -1,0 +1,152 @@
+"""The application factory: wires config, store, keys, probes, the Ollama supervisor and the routes.
+
+Each long-lived part is set up and torn down by a cleanup context, in order; teardown runs in reverse, so
+Ollama is stopped before the HTTP client session closes and records are flushed before the store closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from .access_control import access_middleware
+from .activity import Activity
+from .appkeys import (
+    ACTIVITY,
+    AUDIT,
+    CONFIG,
+    KEYRING,
+    LIMITER,
+    METRICS,
+    PROBES,
+    SESSION,
+    STARTED_AT,
+    STORE,
+    SUPERVISOR,
+    USAGE,
+)
+from .auth import KeyRing
+from .batching import BatchWriter
+from .config import Config, ConfigError
+from .control import routes as control_routes
+from .http_errors import error_middleware
+from .metrics import Metrics
+from .probes import ProbeSampler, default_probes, gpu_busy, logins_open
+from .proxy.handler import add_proxy_routes
+from .proxy.limits import KeyLimiter
+from .proxy.routes import ROUTES
+from .store import AuditRecord, open_store
+from .supervisor import Supervisor
+from .usage import UsageRecord
+
+log = logging.getLogger("llmfleet.app")
+
+
+def models_dir(cfg: Config) -> Path:
+    """Ollama's models: `ollama.models_dir`, else OLLAMA_MODELS in `ollama.env`, else its default."""
+    if cfg.ollama.models_dir is not None:
+        return cfg.ollama.models_dir
+    if "OLLAMA_MODELS" in cfg.ollama.env:
+        return Path(cfg.ollama.env["OLLAMA_MODELS"])
+    return Path(os.environ.get("OLLAMA_MODELS") or Path.home() / ".ollama" / "models")
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    store = open_store(app[CONFIG].store)
+    await store.open()
+    app[STORE] = store
+    audit: BatchWriter[AuditRecord] = BatchWriter("audit", store.add_audit)
+    usage: BatchWriter[UsageRecord] = BatchWriter("usage", store.add_usage)
+    audit.start()
+    usage.start()
+    app[AUDIT], app[USAGE] = audit, usage
+    yield
+    # runs after every request has finished: the last records are flushed before the store closes
+    await usage.close()
+    await audit.close()
+    await store.close()
+
+
+async def _keys_ctx(app: web.Application) -> AsyncIterator[None]:
+    keyring = KeyRing(app[STORE], app[CONFIG].auth.refresh_interval, app[AUDIT])
+    await keyring.start()
+    app[KEYRING] = keyring
+    yield
+    await keyring.stop()
+
+
+async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
+    # the one client session to Ollama (loopback): many connections for parallel streams; no total timeout
+    proxy = app[CONFIG].proxy
+    connector = aiohttp.TCPConnector(limit=proxy.max_connections, keepalive_timeout=30)
+    timeout = aiohttp.ClientTimeout(
+        total=None, sock_connect=proxy.connect_timeout, sock_read=proxy.read_timeout
+    )
+    session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
+    app[SESSION] = session
+    yield
+    await session.close()
+
+
+async def _probes_ctx(app: web.Application) -> AsyncIterator[None]:
+    cfg = app[CONFIG]
+    sampler = ProbeSampler(default_probes(models_dir(cfg)), cfg.probes.interval)
+    activity = app[ACTIVITY]
+    threshold = cfg.idle.gpu_activity_threshold
+
+    def count_as_activity(results: dict) -> None:  # type: ignore[type-arg]
+        if (threshold is not None and gpu_busy(results, threshold)) or (
+            cfg.idle.count_logins and logins_open(results)
+        ):
+            activity.touch()
+
+    sampler.on_sample(count_as_activity)
+    await sampler.start()
+    app[PROBES] = sampler
+    yield
+    await sampler.stop()
+
+
+async def _supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
+    cfg = app[CONFIG]
+    supervisor = Supervisor(cfg.ollama, cfg.resolved_state_dir, app[SESSION])
+    app[SUPERVISOR] = supervisor
+    await supervisor.start()
+    yield
+    await supervisor.stop()
+
+
+def create_app(cfg: Config) -> web.Application:
+    app = web.Application(
+        middlewares=[error_middleware, access_middleware],
+        client_max_size=cfg.limits.max_body_bytes,
+    )
+    app[CONFIG] = cfg
+    app[STARTED_AT] = time.time()
+    app[ACTIVITY] = Activity()
+    app[LIMITER] = KeyLimiter(cfg.limits.max_concurrent_per_key, cfg.limits.requests_per_minute_per_key)
+    app[METRICS] = Metrics(app[ACTIVITY], lambda: app.get(SUPERVISOR), lambda: app.get(PROBES))
+    app.cleanup_ctx.extend([_store_ctx, _keys_ctx, _session_ctx, _probes_ctx, _supervisor_ctx])
+    app.add_routes(control_routes)
+    add_proxy_routes(app, ROUTES)
+    return app
+
+
+def ssl_context(cfg: Config) -> ssl.SSLContext | None:
+    tls = cfg.listen.tls
+    if tls is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(tls.cert, tls.key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"listen.tls: cannot load {tls.cert} / {tls.key}: {exc}") from None
+    return ctx

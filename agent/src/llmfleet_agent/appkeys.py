@@ -1,0 +1,30 @@
+"""Typed keys for what the application holds (set up by the cleanup contexts in app.py)."""
+
+from __future__ import annotations
+
+import aiohttp
+from aiohttp import web
+
+from .activity import Activity
+from .auth import KeyRing
+from .batching import BatchWriter
+from .config import Config
+from .metrics import Metrics
+from .probes import ProbeSampler
+from .proxy.limits import KeyLimiter
+from .store import AuditRecord, Store
+from .supervisor import Supervisor
+from .usage import UsageRecord
+
+CONFIG = web.AppKey("config", Config)
+STARTED_AT = web.AppKey("started_at", float)
+STORE = web.AppKey("store", Store)
+AUDIT = web.AppKey("audit", BatchWriter[AuditRecord])
+KEYRING = web.AppKey("keyring", KeyRing)
+ACTIVITY = web.AppKey("activity", Activity)
+SESSION = web.AppKey("session", aiohttp.ClientSession)
+SUPERVISOR = web.AppKey("supervisor", Supervisor)
+PROBES = web.AppKey("probes", ProbeSampler)
+USAGE = web.AppKey("usage", BatchWriter[UsageRecord])
+LIMITER = web.AppKey("limiter", KeyLimiter)
+METRICS = web.AppKey("metrics", Metrics)

@@ -1,0 +1,218 @@
+"""The agent's configuration: one YAML file, validated at start.
+
+Every section has safe defaults, so a file with only `listen`, `ollama` and `store` works. An unknown key
+or a bad value raises `ConfigError` with a message that names the key (for example `ollama.port`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+CONFIG_ENV = "LLMFLEET_CONFIG"
+DEFAULT_STATE_DIR = Path("/var/lib/llmfleet-agent")
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+Seconds = Annotated[float, Field(gt=0)]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the message names the offending key."""
+
+
+def parse_duration(value: str | float | int) -> float:
+    """`30`, `30s`, `15m`, `2h`, `7d`, `1w` -> seconds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ValueError(f"{value!r} is not a duration (use a number of seconds or 30s, 15m, 2h, 7d, 1w)")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TLSConfig(_Section):
+    cert: Path
+    key: Path
+
+
+class ListenConfig(_Section):
+    host: str = "127.0.0.1"
+    port: Port = 8443
+    tls: TLSConfig | None = None
+    shutdown_timeout: Seconds = 30.0
+
+
+class RestartConfig(_Section):
+    initial_delay: Seconds = 0.5
+    max_delay: Seconds = 30.0
+    max_failures: Annotated[int, Field(ge=1)] = 5
+    # a child that ran this long without failing has its failure count reset
+    reset_after: Seconds = 30.0
+
+    @model_validator(mode="after")
+    def _delays_ordered(self) -> RestartConfig:
+        if self.max_delay < self.initial_delay:
+            raise ValueError("max_delay must be at least initial_delay")
+        return self
+
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]*(:[A-Za-z0-9._\-]+)?$")
+
+
+class OllamaConfig(_Section):
+    command: Annotated[list[str], Field(min_length=1)] = ["ollama", "serve"]
+    port: Port = 11434
+    models: list[str] = []
+    models_dir: Path | None = None
+    env: dict[str, str] = {}
+    start_timeout: Seconds = 60.0
+    stop_timeout: Seconds = 10.0
+    health_interval: Seconds = 5.0
+    restart: RestartConfig = RestartConfig()
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"{name!r} is not an environment variable name")
+            if name == "OLLAMA_HOST":
+                raise ValueError("OLLAMA_HOST is set by the agent (127.0.0.1 and ollama.port)")
+        return value
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not _MODEL_NAME.match(name):
+                raise ValueError(f"{name!r} is not a model name (name:tag)")
+        return value
+
+
+class AuthConfig(_Section):
+    # how often the agent re-reads keys from the store (revocations take effect within this time)
+    refresh_interval: Seconds = 2.0
+
+
+class StoreConfig(_Section):
+    url: str = "sqlite:///" + str(DEFAULT_STATE_DIR / "agent.db")
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, value: str) -> str:
+        if value.startswith("sqlite:////") and len(value) > len("sqlite:////"):
+            return value
+        raise ValueError(f"{value!r}: use sqlite:////absolute/path/agent.db")
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        if self.url.startswith("sqlite:///"):
+            return Path(self.url[len("sqlite:///") :])
+        return None
+
+
+class IdleConfig(_Section):
+    # GPU utilisation (percent) above which the GPU counts as activity; null: off
+    gpu_activity_threshold: Annotated[float, Field(ge=0, le=100)] | None = None
+    # open login sessions (who/utmp) count as activity
+    count_logins: bool = False
+
+
+class ProbesConfig(_Section):
+    interval: Seconds = 5.0
+
+
+class LimitsConfig(_Section):
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024 * 1024
+    # defaults for keys that set none of their own; null: unlimited
+    max_concurrent_per_key: Annotated[int, Field(ge=1)] | None = None
+    requests_per_minute_per_key: Annotated[int, Field(ge=1)] | None = None
+
+
+class ProxyConfig(_Section):
+    # connections to Ollama on loopback: enough for many parallel streams
+    max_connections: Annotated[int, Field(ge=1)] = 1024
+    connect_timeout: Seconds = 5.0
+    # the longest wait for the next chunk of an answer (a model may take minutes to load); no total limit
+    read_timeout: Seconds = 600.0
+    # the Retry-After sent with 503 while Ollama is not running or the agent is draining
+    retry_after: Seconds = 5.0
+
+
+class LoggingConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "text"] = "json"
+
+
+class Config(_Section):
+    listen: ListenConfig = ListenConfig()
+    ollama: OllamaConfig = OllamaConfig()
+    auth: AuthConfig = AuthConfig()
+    store: StoreConfig = StoreConfig()
+    idle: IdleConfig = IdleConfig()
+    probes: ProbesConfig = ProbesConfig()
+    limits: LimitsConfig = LimitsConfig()
+    proxy: ProxyConfig = ProxyConfig()
+    logging: LoggingConfig = LoggingConfig()
+    # where the agent keeps its own files (the Ollama process-group file); default: beside a SQLite store
+    state_dir: Path | None = None
+
+    @property
+    def resolved_state_dir(self) -> Path:
+        if self.state_dir is not None:
+            return self.state_dir
+        sqlite_path = self.store.sqlite_path
+        return sqlite_path.parent if sqlite_path is not None else DEFAULT_STATE_DIR
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "(top level)"
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = _location(error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    return f"{key}: {error['msg']} (got {error.get('input')!r})"
+
+
+def parse_config(data: Any, source: str = "config") -> Config:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(err) for err in exc.errors())  # type: ignore[arg-type]
+        raise ConfigError(f"{source}: {problems}") from None
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load and validate the file at `path`, else at $LLMFLEET_CONFIG."""
+    chosen = path or os.environ.get(CONFIG_ENV)
+    if not chosen:
+        raise ConfigError(f"no configuration: pass --config FILE or set {CONFIG_ENV}")
+    file = Path(chosen)
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file}: not valid YAML: {exc}") from None
+    return parse_config(data, str(file))

@@ -1,0 +1,144 @@
+"""API keys: generated at random, shown once, stored only as a SHA-256 hash.
+
+A key's id is the first 16 hex digits of its hash, so the same key given to many hosts has the same id
+on each (usage records line up), and an id says nothing usable about the secret. Keys are high-entropy
+(at least 32 characters), so a fast hash is the right one: no salt or stretching to slow down the proxy.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .models import normalize_model
+from .roles import Role
+
+KEY_PREFIX = "llmf_"
+MIN_KEY_LENGTH = 32
+ID_LENGTH = 16
+
+
+def generate_secret() -> str:
+    """A new key: 32 random bytes, URL-safe base64, with a prefix that secret scanners can spot."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def key_id_for(secret: str) -> str:
+    return hash_secret(secret)[:ID_LENGTH]
+
+
+def validate_secret(secret: str) -> str:
+    secret = secret.strip()
+    if len(secret) < MIN_KEY_LENGTH:
+        raise ValueError(f"a key must be at least {MIN_KEY_LENGTH} characters (got {len(secret)})")
+    if any(ch.isspace() for ch in secret):
+        raise ValueError("a key must not contain whitespace")
+    return secret
+
+
+def model_matches(patterns: tuple[str, ...], model: str) -> bool:
+    """True when no patterns limit the key, or one of them matches the model (`name:tag` globs)."""
+    if not patterns:
+        return True
+    name = normalize_model(model)
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def normalize_pattern(pattern: str) -> str:
+    """`llama3` -> `llama3:latest`; `llama3*` and `llama3:*` stay as they are."""
+    if any(ch in pattern for ch in "*?[") or ":" in pattern.rsplit("/", 1)[-1]:
+        return pattern
+    return normalize_model(pattern)
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    id: str
+    name: str
+    role: Role
+    hash: str
+    models: tuple[str, ...] = ()
+    created: float = field(default_factory=time.time)
+    expires: float | None = None
+    revoked: float | None = None
+    last_used: float | None = None
+    # per-key limits; None: the config's defaults
+    max_concurrent: int | None = None
+    rpm: int | None = None
+
+    @classmethod
+    def new(
+        cls,
+        secret: str,
+        name: str,
+        role: Role,
+        models: tuple[str, ...] = (),
+        ttl: float | None = None,
+        max_concurrent: int | None = None,
+        rpm: int | None = None,
+    ) -> KeyRecord:
+        now = time.time()
+        return cls(
+            id=key_id_for(secret),
+            name=name,
+            role=role,
+            hash=hash_secret(secret),
+            models=tuple(normalize_pattern(p) for p in models),
+            created=now,
+            expires=None if ttl is None else now + ttl,
+            max_concurrent=max_concurrent,
+            rpm=rpm,
+        )
+
+    def matches(self, secret: str) -> bool:
+        return hmac.compare_digest(hash_secret(secret), self.hash)
+
+    def refusal(self, now: float | None = None) -> str | None:
+        """Why this key may not be used now, or None."""
+        now = time.time() if now is None else now
+        if self.revoked is not None:
+            return f"key {self.id} was revoked"
+        if self.expires is not None and now >= self.expires:
+            return f"key {self.id} expired"
+        return None
+
+    def same_grant(self, other: KeyRecord) -> bool:
+        return self._grant() == other._grant()
+
+    def _grant(self) -> tuple[object, ...]:
+        return (self.name, self.role, self.models, self.expires is None, self.max_concurrent, self.rpm)
+
+    def with_grant_of(self, other: KeyRecord) -> KeyRecord:
+        return replace(
+            self,
+            name=other.name,
+            role=other.role,
+            models=other.models,
+            expires=other.expires,
+            max_concurrent=other.max_concurrent,
+            rpm=other.rpm,
+        )
+
+    def public(self) -> dict[str, Any]:
+        """Everything but the hash."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "role": self.role.value,
+            "models": list(self.models),
+            "created": self.created,
+            "expires": self.expires,
+            "revoked": self.revoked,
+            "last_used": self.last_used,
+            "max_concurrent": self.max_concurrent,
+            "rpm": self.rpm,
+        }

@@ -1,0 +1,116 @@
+"""Prometheus metrics: counters and histograms updated per request, gauges read at scrape time."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .activity import Activity
+from .probes import ProbeSampler
+from .supervisor import State, Supervisor
+
+disable_created_metrics()  # no `_created` series: they double the output and nobody graphs them
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class _LiveState(Collector):
+    """What is true now: in flight, idle, draining, Ollama's state and restarts, GPUs."""
+
+    def __init__(
+        self,
+        activity: Activity,
+        supervisor: Callable[[], Supervisor | None],
+        probes: Callable[[], ProbeSampler | None],
+    ) -> None:
+        self._activity = activity
+        self._supervisor = supervisor
+        self._probes = probes
+
+    def collect(self) -> Iterator[Metric]:
+        figures = self._activity.figures()
+        yield GaugeMetricFamily("llmfleet_inflight_requests", "Proxied requests in flight", figures.inflight)
+        yield GaugeMetricFamily(
+            "llmfleet_idle_seconds", "Seconds since the host was last used", figures.idle_seconds
+        )
+        yield GaugeMetricFamily(
+            "llmfleet_draining", "1 while the agent refuses new work", int(figures.draining)
+        )
+        supervisor = self._supervisor()
+        if supervisor is not None:
+            state = GaugeMetricFamily(
+                "llmfleet_ollama_state", "1 for Ollama's current state", labels=["state"]
+            )
+            for candidate in State:
+                state.add_metric([candidate.value], int(candidate is supervisor.state))
+            yield state
+            yield CounterMetricFamily(
+                "llmfleet_ollama_restarts", "Restarts of Ollama after failures", supervisor.restarts
+            )
+        probes = self._probes()
+        gpu = probes.results.get("gpu") if probes is not None else None
+        if gpu is not None and gpu.status == "ok":
+            util = GaugeMetricFamily(
+                "llmfleet_gpu_utilization_percent", "GPU utilisation", labels=["gpu", "name"]
+            )
+            used = GaugeMetricFamily(
+                "llmfleet_gpu_memory_used_bytes", "GPU memory used", labels=["gpu", "name"]
+            )
+            total = GaugeMetricFamily("llmfleet_gpu_memory_total_bytes", "GPU memory", labels=["gpu", "name"])
+            for device in gpu.data:
+                labels = [str(device["index"]), device["name"]]
+                util.add_metric(labels, device["utilization_percent"])
+                used.add_metric(labels, device["memory_used_bytes"])
+                total.add_metric(labels, device["memory_total_bytes"])
+            yield from (util, used, total)
+
+
+class Metrics:
+    def __init__(
+        self,
+        activity: Activity,
+        supervisor: Callable[[], Supervisor | None],
+        probes: Callable[[], ProbeSampler | None],
+    ) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        r = self.registry
+        self.requests = Counter(
+            "llmfleet_requests",
+            "Proxied requests by route, model and status",
+            ["route", "model", "status"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "llmfleet_request_duration_seconds",
+            "Proxied request duration",
+            ["route"],
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.ttfb = Histogram(
+            "llmfleet_time_to_first_byte_seconds",
+            "Time to the first byte of Ollama's answer",
+            ["route"],
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.prompt_tokens = Counter(
+            "llmfleet_prompt_tokens", "Prompt tokens by model", ["model"], registry=r
+        )
+        self.completion_tokens = Counter(
+            "llmfleet_completion_tokens", "Completion tokens by model", ["model"], registry=r
+        )
+        self.refusals = Counter(
+            "llmfleet_refused_requests",
+            "Requests refused before reaching Ollama, by reason",
+            ["reason"],
+            registry=r,
+        )
+        r.register(_LiveState(activity, supervisor, probes))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

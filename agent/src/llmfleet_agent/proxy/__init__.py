@@ -1,0 +1,1 @@
+"""The data plane: the authenticated, streaming proxy in front of the supervised Ollama."""

@@ -1,0 +1,203 @@
+"""SQLite store (WAL mode). One connection, used from one worker thread, so calls never block the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ..keys import KeyRecord
+from ..roles import Role
+from ..usage import USAGE_COLUMNS, UsageRecord
+from .base import AuditRecord, UsageSummary
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS keys (
+    id        TEXT PRIMARY KEY,
+    name      TEXT NOT NULL,
+    role      TEXT NOT NULL,
+    hash      TEXT NOT NULL,
+    models    TEXT NOT NULL DEFAULT '[]',
+    created   REAL NOT NULL,
+    expires   REAL,
+    revoked   REAL,
+    last_used REAL,
+    max_concurrent INTEGER,
+    rpm       INTEGER
+);
+CREATE TABLE IF NOT EXISTS audit (
+    ts      REAL NOT NULL,
+    event   TEXT NOT NULL,
+    key_id  TEXT,
+    detail  TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts);
+CREATE TABLE IF NOT EXISTS usage (
+    ts                REAL NOT NULL,
+    request_id        TEXT NOT NULL,
+    key_id            TEXT,
+    method            TEXT NOT NULL,
+    route             TEXT NOT NULL,
+    model             TEXT,
+    status            INTEGER NOT NULL,
+    stream            INTEGER NOT NULL,
+    prompt_tokens     INTEGER,
+    completion_tokens INTEGER,
+    ttfb_ms           REAL,
+    duration_ms       REAL NOT NULL,
+    error             TEXT
+);
+CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts);
+"""
+
+_INSERT_USAGE = "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+assert _INSERT_USAGE.count("?") == len(USAGE_COLUMNS)
+# the only groupings `usage` offers: fixed SQL, never built from input
+_SUMMARY = {
+    "key": (
+        "SELECT COALESCE(u.key_id, '-') || COALESCE(' (' || k.name || ')', ''), COUNT(*),"
+        " SUM(u.status >= 400), SUM(COALESCE(u.prompt_tokens, 0)), SUM(COALESCE(u.completion_tokens, 0))"
+        " FROM usage u LEFT JOIN keys k ON k.id = u.key_id WHERE u.ts >= ? GROUP BY 1 ORDER BY 1"
+    ),
+    "model": (
+        "SELECT COALESCE(model, '-'), COUNT(*), SUM(status >= 400), SUM(COALESCE(prompt_tokens, 0)),"
+        " SUM(COALESCE(completion_tokens, 0)) FROM usage WHERE ts >= ? GROUP BY 1 ORDER BY 1"
+    ),
+    "day": (
+        "SELECT date(ts, 'unixepoch'), COUNT(*), SUM(status >= 400), SUM(COALESCE(prompt_tokens, 0)),"
+        " SUM(COALESCE(completion_tokens, 0)) FROM usage WHERE ts >= ? GROUP BY 1 ORDER BY 1"
+    ),
+}
+
+_SELECT_KEYS = (
+    "SELECT id, name, role, hash, models, created, expires, revoked, last_used, max_concurrent, rpm FROM keys"
+)
+_UPSERT_KEY = (
+    "INSERT OR REPLACE INTO keys"
+    " (id, name, role, hash, models, created, expires, revoked, last_used, max_concurrent, rpm)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _key_from_row(row: tuple[Any, ...]) -> KeyRecord:
+    id_, name, role, hash_, models, created, expires, revoked, last_used, max_concurrent, rpm = row
+    return KeyRecord(
+        id=id_,
+        name=name,
+        role=Role(role),
+        hash=hash_,
+        models=tuple(json.loads(models)),
+        created=created,
+        expires=expires,
+        revoked=revoked,
+        last_used=last_used,
+        max_concurrent=max_concurrent,
+        rpm=rpm,
+    )
+
+
+class SQLiteStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._conn: sqlite3.Connection | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+
+    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def run() -> T:
+            assert self._conn is not None, "store is not open"
+            with self._conn:  # one transaction per call
+                return fn(self._conn)
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+
+    async def open(self) -> None:
+        def connect() -> sqlite3.Connection:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, check_same_thread=False, timeout=10)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.executescript(SCHEMA)
+            self.path.chmod(0o600)
+            return conn
+
+        self._conn = await asyncio.get_running_loop().run_in_executor(self._executor, connect)
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await asyncio.get_running_loop().run_in_executor(self._executor, conn.close)
+        self._executor.shutdown(wait=True)
+
+    async def put_key(self, record: KeyRecord) -> None:
+        values = (
+            record.id,
+            record.name,
+            record.role.value,
+            record.hash,
+            json.dumps(list(record.models)),
+            record.created,
+            record.expires,
+            record.revoked,
+            record.last_used,
+            record.max_concurrent,
+            record.rpm,
+        )
+        await self._call(lambda c: c.execute(_UPSERT_KEY, values))
+
+    async def get_key(self, key_id: str) -> KeyRecord | None:
+        row = await self._call(lambda c: c.execute(_SELECT_KEYS + " WHERE id = ?", (key_id,)).fetchone())
+        return None if row is None else _key_from_row(row)
+
+    async def list_keys(self) -> list[KeyRecord]:
+        rows = await self._call(lambda c: c.execute(_SELECT_KEYS + " ORDER BY created").fetchall())
+        return [_key_from_row(row) for row in rows]
+
+    async def revoke_key(self, key_id: str, at: float) -> KeyRecord | None:
+        def revoke(c: sqlite3.Connection) -> None:
+            c.execute("UPDATE keys SET revoked = COALESCE(revoked, ?) WHERE id = ?", (at, key_id))
+
+        await self._call(revoke)
+        return await self.get_key(key_id)
+
+    async def touch_keys(self, last_used: dict[str, float]) -> None:
+        if not last_used:
+            return
+        rows = [(ts, key_id) for key_id, ts in last_used.items()]
+        await self._call(lambda c: c.executemany("UPDATE keys SET last_used = ? WHERE id = ?", rows))
+
+    async def add_audit(self, records: list[AuditRecord]) -> None:
+        if not records:
+            return
+        rows = [(r.ts, r.event, r.key_id, json.dumps(r.detail, default=str)) for r in records]
+        await self._call(lambda c: c.executemany("INSERT INTO audit VALUES (?,?,?,?)", rows))
+
+    async def list_audit(self, limit: int = 100) -> list[AuditRecord]:
+        rows = await self._call(
+            lambda c: c.execute(
+                "SELECT ts, event, key_id, detail FROM audit ORDER BY ts DESC LIMIT ?", (limit,)
+            ).fetchall()
+        )
+        return [AuditRecord(event=e, key_id=k, detail=json.loads(d), ts=ts) for ts, e, k, d in rows]
+
+    async def add_usage(self, records: list[UsageRecord]) -> None:
+        if not records:
+            return
+        rows = [tuple(getattr(r, c) for c in USAGE_COLUMNS) for r in records]
+        await self._call(lambda c: c.executemany(_INSERT_USAGE, rows))
+
+    async def list_usage(self, since: float = 0.0) -> list[UsageRecord]:
+        rows = await self._call(
+            lambda c: c.execute("SELECT * FROM usage WHERE ts >= ? ORDER BY ts", (since,)).fetchall()
+        )
+        return [UsageRecord(**dict(zip(USAGE_COLUMNS, row, strict=True))) for row in rows]
+
+    async def summarize_usage(self, since: float, by: str) -> list[UsageSummary]:
+        query = _SUMMARY[by]
+        rows = await self._call(lambda c: c.execute(query, (since,)).fetchall())
+        return [UsageSummary(str(g), int(n), int(e or 0), int(p or 0), int(t or 0)) for g, n, e, p, t in rows]

@@ -1,0 +1,135 @@
+"""Configuration: the minimal file works; bad files stop the agent with a message naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import AGENT
+
+from llmfleet_agent.config import ConfigError, parse_config, parse_duration
+
+MINIMAL = """
+listen: {host: 127.0.0.1, port: 18443}
+ollama: {command: [llmfleet-ollama-sim, serve], port: 21434, models: ["tinyllama:latest"]}
+store: {url: "sqlite:////tmp/llmfleet-demo/agent.db"}
+"""
+
+
+def test_minimal_config_has_sane_defaults() -> None:
+    cfg = parse_config(yaml.safe_load(MINIMAL))
+    assert cfg.listen.port == 18443
+    assert cfg.ollama.command == ["llmfleet-ollama-sim", "serve"]
+    assert cfg.ollama.restart.max_failures >= 1
+    assert cfg.ollama.restart.initial_delay <= cfg.ollama.restart.max_delay
+    assert cfg.resolved_state_dir == Path("/tmp/llmfleet-demo")
+    assert cfg.limits.max_body_bytes > 0
+    assert cfg.idle.gpu_activity_threshold is None and cfg.idle.count_logins is False
+
+
+def test_restart_and_env_are_accepted() -> None:
+    cfg = parse_config(
+        {
+            "ollama": {
+                "restart": {"initial_delay": 1, "max_delay": 8, "max_failures": 3},
+                "env": {"OLLAMA_KEEP_ALIVE": "-1", "OLLAMA_NUM_PARALLEL": "4"},
+            }
+        }
+    )
+    assert cfg.ollama.restart.max_delay == 8
+    assert cfg.ollama.env["OLLAMA_NUM_PARALLEL"] == "4"
+
+
+@pytest.mark.parametrize(
+    ("data", "named"),
+    [
+        ({"listen": {"prot": 1}}, "listen.prot: unknown key"),
+        ({"bogus": {}}, "bogus: unknown key"),
+        ({"ollama": {"port": 70000}}, "ollama.port"),
+        ({"ollama": {"port": 0}}, "ollama.port"),
+        ({"listen": {"port": "http"}}, "listen.port"),
+        ({"ollama": {"command": "ollama serve"}}, "ollama.command"),
+        ({"ollama": {"command": []}}, "ollama.command"),
+        ({"ollama": {"restart": {"max_failures": 0}}}, "ollama.restart.max_failures"),
+        ({"ollama": {"restart": {"initial_delay": 10, "max_delay": 1}}}, "ollama.restart"),
+        ({"ollama": {"env": {"OLLAMA_HOST": "0.0.0.0"}}}, "ollama.env"),
+        ({"ollama": {"models": ["bad name!"]}}, "ollama.models"),
+        ({"store": {"url": "mysql://db"}}, "store.url"),
+        ({"idle": {"gpu_activity_threshold": 150}}, "idle.gpu_activity_threshold"),
+        ({"logging": {"level": "loud"}}, "logging.level"),
+    ],
+)
+def test_bad_values_name_the_key(data: dict, named: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert named in str(err.value)
+
+
+def test_durations() -> None:
+    assert parse_duration("30d") == 30 * 86400
+    assert parse_duration("15m") == 900
+    assert parse_duration(12) == 12
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration("soon")
+
+
+def _check(tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "agent.yaml"
+    path.write_text(text)
+    return subprocess.run(
+        [AGENT, "check-config", "--config", str(path)], capture_output=True, text=True, timeout=30
+    )
+
+
+def test_check_config_accepts_the_minimal_file(tmp_path: Path) -> None:
+    res = _check(tmp_path, MINIMAL)
+    assert res.returncode == 0, res.stderr
+    assert "valid" in res.stdout
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        (MINIMAL + "colour: blue\n", "colour: unknown key"),
+        (MINIMAL.replace("port: 21434", "port: 99999"), "ollama.port"),
+        (MINIMAL.replace("port: 18443", "port: many"), "listen.port"),
+        ("listen: [1, 2]\n", "listen"),
+        ("listen: {port: 1\n", "not valid YAML"),
+    ],
+)
+def test_check_config_and_serve_refuse_bad_files(tmp_path: Path, text: str, named: str) -> None:
+    res = _check(tmp_path, text)
+    assert res.returncode != 0
+    assert named in res.stderr
+    assert "Traceback" not in res.stderr
+    serve = subprocess.run(
+        [AGENT, "serve", "--config", str(tmp_path / "agent.yaml")], capture_output=True, text=True, timeout=30
+    )
+    assert serve.returncode != 0
+    assert named in serve.stderr
+
+
+def test_config_from_environment_variable(tmp_path: Path) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text(MINIMAL)
+    res = subprocess.run(
+        [AGENT, "check-config"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"LLMFLEET_CONFIG": str(path), "PATH": "/usr/bin:/bin"},
+    )
+    assert res.returncode == 0, res.stderr
+    missing = subprocess.run([AGENT, "check-config"], capture_output=True, text=True, timeout=30, env={})
+    assert missing.returncode != 0
+    assert "LLMFLEET_CONFIG" in missing.stderr
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    res = subprocess.run(
+        [AGENT, "check-config", "--config", str(tmp_path / "nope.yaml")], capture_output=True, text=True
+    )
+    assert res.returncode != 0
+    assert "nope.yaml: cannot read" in res.stderr

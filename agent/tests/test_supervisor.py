@@ -1,0 +1,186 @@
+"""The Ollama supervisor, end to end: the real agent process with the simulator as its child."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import psutil
+from conftest import AgentHandle
+from support import pid_alive, wait_until
+
+FAST_RESTART = {"initial_delay": 0.05, "max_delay": 0.1, "max_failures": 3}
+
+
+def child_pid(agent: AgentHandle) -> int:
+    return wait_until(lambda: agent.ollama()["pid"], 10, "the Ollama child's pid")
+
+
+def log_events(agent: AgentHandle) -> list[dict]:
+    out = []
+    for line in agent.log().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def test_minimal_config_ready_within_5s_with_model_pulled(make_agent) -> None:  # type: ignore[no-untyped-def]
+    agent: AgentHandle = make_agent()
+    agent.start()
+    agent.wait_ready(timeout=5)
+    ollama = agent.ollama()
+    assert ollama["state"] == "RUNNING"
+    assert "tinyllama:latest" in ollama["models"]["present"]
+    assert ollama["models"]["missing"] == []
+    messages = [e["msg"] for e in log_events(agent)]
+    assert any(m.startswith("pull tinyllama:latest: pulling") for m in messages)  # progress logged
+    assert any(m.startswith("ollama: ") for m in messages)  # the child's output, with a prefix
+    # the child listens on loopback only, on the configured port
+    conns = [c for c in psutil.Process(ollama["pid"]).net_connections() if c.status == "LISTEN"]
+    assert {(c.laddr.ip, c.laddr.port) for c in conns} == {("127.0.0.1", agent.config["ollama"]["port"])}
+
+
+def test_kill_9_of_child_is_backoff_then_ready_again(make_agent) -> None:  # type: ignore[no-untyped-def]
+    agent: AgentHandle = make_agent({"ollama": {"restart": {"initial_delay": 1.0}}})
+    agent.start().wait_ready()
+    old = child_pid(agent)
+    os.kill(old, signal.SIGKILL)
+    killed_at = time.monotonic()
+    seen = wait_until(lambda: agent.ollama() if agent.ollama()["state"] == "BACKOFF" else None, 2, "BACKOFF")
+    assert "killed by SIGKILL" in seen["reason"]
+    assert agent.readyz()[0] == 503
+    wait_until(lambda: agent.readyz()[0] == 200, 3 - (time.monotonic() - killed_at), "ready again within 3 s")
+    after = agent.ollama()
+    assert after["restarts"] == 1
+    assert after["pid"] != old
+    assert after["last_exit"]["description"] == "killed by SIGKILL"
+
+
+def test_child_exiting_at_once_ends_fatal_and_agent_keeps_serving(make_agent) -> None:  # type: ignore[no-untyped-def]
+    agent: AgentHandle = make_agent(
+        {"ollama": {"env": {"LLMFLEET_SIM_EXIT_AT_ONCE": "1"}, "restart": FAST_RESTART}}
+    )
+    agent.start()
+    wait_until(lambda: agent.ollama()["state"] == "FATAL", 10, "FATAL")
+    ollama = agent.ollama()
+    assert ollama["consecutive_failures"] == 3
+    assert ollama["restarts"] == 2
+    code, body = agent.readyz()
+    assert code == 503
+    assert "FATAL" in body["reason"] and "gave up after 3 failures" in body["reason"]
+    assert "exited with code 1" in body["reason"]
+    assert agent.get("/healthz")[0] == 200
+    assert agent.get("/agent/idle", agent.key("operator"))[0] == 200
+
+
+def test_backoff_doubles_up_to_the_cap(make_agent) -> None:  # type: ignore[no-untyped-def]
+    restart = {"initial_delay": 0.1, "max_delay": 0.2, "max_failures": 4}
+    agent: AgentHandle = make_agent(
+        {"ollama": {"env": {"LLMFLEET_SIM_EXIT_AT_ONCE": "1"}, "restart": restart}}
+    )
+    agent.start()
+    wait_until(lambda: agent.ollama()["state"] == "FATAL", 10, "FATAL")
+    delays = [e["reason"].rsplit(" in ", 1)[1] for e in log_events(agent) if e.get("state") == "BACKOFF"]
+    assert delays == ["0.1s", "0.2s", "0.2s"]
+
+
+def test_missing_binary_is_fatal_command_not_found(make_agent) -> None:  # type: ignore[no-untyped-def]
+    agent: AgentHandle = make_agent({"ollama": {"command": ["/nonexistent/bin/ollama", "serve"]}})
+    agent.start()
+    wait_until(lambda: agent.ollama()["state"] == "FATAL", 5, "FATAL")
+    code, body = agent.readyz()
+    assert code == 503 and "command not found: /nonexistent/bin/ollama" in body["reason"]
+    assert "Traceback" not in agent.log()
+
+
+def test_child_that_never_answers_hits_the_start_timeout(make_agent) -> None:  # type: ignore[no-untyped-def]
+    agent: AgentHandle = make_agent(
+        {
+            "ollama": {
+                "env": {"LLMFLEET_SIM_REFUSE_START": "1"},
+                "start_timeout": 0.5,
+                "restart": {**FAST_RESTART, "max_failures": 2},
+            }
+        }
+    )
+    agent.start()
+    wait_until(lambda: agent.ollama()["state"] == "FATAL", 10, "FATAL")
+    assert "did not answer" in agent.ollama()["reason"] and "within 0.5s" in agent.ollama()["reason"]
+    # the hung children were killed, not left behind
+    sims = [p for p in psutil.process_iter(["cmdline"]) if str(agent.config["ollama"]["port"]) in str(p.info)]
+    assert sims == []
+
+
+def test_port_taken_by_another_process_is_reported(make_agent) -> None:  # type: ignore[no-untyped-def]
+    agent: AgentHandle = make_agent({"ollama": {"restart": {**FAST_RESTART, "max_failures": 2}}})
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", agent.config["ollama"]["port"]))
+        squatter.listen()
+        agent.start()
+        wait_until(lambda: agent.ollama()["state"] == "FATAL", 10, "FATAL")
+        assert "already in use" in agent.ollama()["reason"]
+
+
+def test_stable_run_resets_the_failure_count(make_agent) -> None:  # type: ignore[no-untyped-def]
+    agent: AgentHandle = make_agent(
+        {"ollama": {"restart": {"initial_delay": 0.05, "max_failures": 2, "reset_after": 0.5}}}
+    )
+    agent.start().wait_ready()
+    for round_ in range(3):
+        ollama = agent.ollama()
+        wait_until(lambda o=ollama: time.time() - o["since"] > 0.6, 5, "a stable run")
+        os.kill(ollama["pid"], signal.SIGKILL)
+        wait_until(lambda p=ollama["pid"]: agent.ollama()["pid"] not in (None, p), 5, "a new child")
+        agent.wait_ready()
+        assert agent.ollama()["restarts"] == round_ + 1
+    assert agent.ollama()["consecutive_failures"] == 1  # never accumulated to max_failures
+
+
+def test_failed_pull_is_reported_by_readyz(make_agent) -> None:  # type: ignore[no-untyped-def]
+    agent: AgentHandle = make_agent({"ollama": {"models": ["nonexistent-model:1b"]}})
+    agent.start()
+    wait_until(lambda: "pull failed" in agent.readyz()[1].get("reason", ""), 10, "the pull failure")
+    assert "model missing: nonexistent-model:1b" in agent.readyz()[1]["reason"]
+    assert agent.ollama()["state"] == "RUNNING"
+
+
+def test_sigterm_stops_agent_and_child_within_grace(make_agent) -> None:  # type: ignore[no-untyped-def]
+    agent: AgentHandle = make_agent({"ollama": {"stop_timeout": 3}})
+    agent.start().wait_ready()
+    child = child_pid(agent)
+    assert agent.proc is not None
+    agent.proc.signal(signal.SIGTERM)
+    assert agent.proc.wait(timeout=3 + 2) == 0
+    assert not pid_alive(child)
+    assert "ollama STOPPED" in agent.log()
+
+
+def test_sigkill_of_agent_takes_the_child_too(make_agent) -> None:  # type: ignore[no-untyped-def]
+    agent: AgentHandle = make_agent()
+    agent.start().wait_ready()
+    child = child_pid(agent)
+    assert agent.proc is not None
+    agent.proc.signal(signal.SIGKILL)
+    agent.proc.wait(timeout=5)
+    wait_until(lambda: not pid_alive(child), 5, "the orphaned child to die")
+
+
+def test_leftover_process_group_is_reaped_at_start(make_agent) -> None:  # type: ignore[no-untyped-def]
+    agent: AgentHandle = make_agent()
+    # a process group left by an earlier agent (say, a runner that outlived `ollama serve`)
+    leftover = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        record = {"pgid": leftover.pid, "created": psutil.Process(leftover.pid).create_time()}
+        (agent.dir / "ollama.pgid").write_text(json.dumps(record))
+        agent.start().wait_ready()
+        assert leftover.wait(timeout=5) == -signal.SIGKILL
+        assert "killed processes left by an earlier run" in agent.log()
+    finally:
+        if leftover.poll() is None:
+            leftover.kill()

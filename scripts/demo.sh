@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# `make demo`: the agent on this machine, supervising the real `ollama` when it is on PATH and the
+# simulator otherwise; waits until it is ready, shows its status, and stops it cleanly.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN="$PWD/.venv/bin"
+DEMO_DIR="${LLMFLEET_DEMO_DIR:-/tmp/llmfleet-demo}"
+AGENT_PORT="${LLMFLEET_DEMO_PORT:-18443}"
+OLLAMA_PORT="${LLMFLEET_DEMO_OLLAMA_PORT:-21434}"
+MODEL="${LLMFLEET_DEMO_MODEL:-tinyllama:latest}"
+
+step() { printf '\n==> %s\n' "$*"; }
+die() { printf 'demo: %s\n' "$*" >&2; exit 1; }
+
+for port in "$AGENT_PORT" "$OLLAMA_PORT"; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    die "port $port is in use on 127.0.0.1 (set LLMFLEET_DEMO_PORT / LLMFLEET_DEMO_OLLAMA_PORT)"
+  fi
+done
+
+if command -v ollama >/dev/null 2>&1; then
+  command='["ollama", "serve"]'
+  step "using the real ollama at $(command -v ollama)"
+else
+  command="[\"$BIN/llmfleet-ollama-sim\", \"serve\"]"
+  step "ollama is not on PATH: using llmfleet-ollama-sim, the stand-in for demos (it echoes, it is not a model)"
+fi
+
+step "writing a fresh configuration in $DEMO_DIR"
+rm -rf "$DEMO_DIR"
+mkdir -p "$DEMO_DIR/models"
+cat > "$DEMO_DIR/agent.yaml" <<YAML
+listen: {host: 127.0.0.1, port: $AGENT_PORT}
+ollama:
+  command: $command
+  port: $OLLAMA_PORT
+  models: ["$MODEL"]
+  models_dir: $DEMO_DIR/models
+store: {url: "sqlite:///$DEMO_DIR/agent.db"}
+logging: {format: text}
+YAML
+"$BIN/llmfleet-agent" check-config --config "$DEMO_DIR/agent.yaml"
+
+step "creating an operator key (shown once; only its hash is stored)"
+export LLMFLEET_API_KEY
+LLMFLEET_API_KEY=$("$BIN/llmfleet-agent" keys create --config "$DEMO_DIR/agent.yaml" --name demo-operator --role operator)
+echo "key: ${LLMFLEET_API_KEY:0:12}… (full key in \$LLMFLEET_API_KEY for this run)"
+
+step "starting the agent on http://127.0.0.1:$AGENT_PORT (log: $DEMO_DIR/agent.log)"
+"$BIN/llmfleet-agent" serve --config "$DEMO_DIR/agent.yaml" >"$DEMO_DIR/agent.log" 2>&1 &
+agent_pid=$!
+stop_agent() {
+  if kill -0 "$agent_pid" 2>/dev/null; then
+    kill -TERM "$agent_pid" 2>/dev/null || true
+    wait "$agent_pid" 2>/dev/null || true
+  fi
+}
+trap stop_agent EXIT
+
+step "waiting until /readyz answers 200 (Ollama running, $MODEL pulled)"
+last=""
+for _ in $(seq 1 600); do
+  kill -0 "$agent_pid" 2>/dev/null || { tail -n 20 "$DEMO_DIR/agent.log" >&2; die "the agent exited"; }
+  body=$(curl -s "http://127.0.0.1:$AGENT_PORT/readyz" || true)
+  if [ "$body" != "$last" ] && [ -n "$body" ]; then echo "   readyz: $body"; last=$body; fi
+  case "$body" in *'"ready": true'*) break ;; esac
+  sleep 0.1
+done
+case "$last" in *'"ready": true'*) ;; *) die "not ready after 60 s; see $DEMO_DIR/agent.log" ;; esac
+
+step "llmfleet-agent status"
+"$BIN/llmfleet-agent" status --config "$DEMO_DIR/agent.yaml"
+
+step "stopping the agent (SIGTERM): it stops Ollama and exits"
+stop_agent
+trap - EXIT
+if pgrep -f -- "--config $DEMO_DIR/agent.yaml" >/dev/null || pgrep -f "$BIN/llmfleet-ollama-sim" >/dev/null; then
+  die "something is still running"
+fi
+echo "stopped; nothing left running. Log: $DEMO_DIR/agent.log"
