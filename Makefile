@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: help demo test test-fast lint format system-deps venv clean
+.PHONY: help demo test test-fast lint format bench system-deps venv clean
 
 help:
 	@echo "make demo       run the agent on this machine (real ollama if on PATH, else the simulator)"
@@ -13,6 +13,7 @@ help:
 	@echo "make test-fast  the tests without the slow system tests"
 	@echo "make lint       ruff check and format check"
 	@echo "make format     ruff format and fix"
+	@echo "make bench      the proxy against a direct connection; JSON under bench/results/"
 
 system-deps:
 	@scripts/install-system-deps.sh
@@ -29,12 +30,12 @@ venv: system-deps $(BIN)/.installed
 
 lint: venv
 	@echo "==> ruff"
-	@$(BIN)/ruff check agent
-	@$(BIN)/ruff format --check agent
+	@$(BIN)/ruff check agent bench
+	@$(BIN)/ruff format --check agent bench
 
 format: venv
-	@$(BIN)/ruff format agent
-	@$(BIN)/ruff check --fix agent
+	@$(BIN)/ruff format agent bench
+	@$(BIN)/ruff check --fix agent bench
 
 test: lint
 	@echo "==> pytest (CI=$${CI:-false})"
@@ -42,6 +43,9 @@ test: lint
 
 test-fast: PYTEST_ARGS += -m "not slow"
 test-fast: test
+
+bench: venv
+	@$(BIN)/python bench/bench.py $(BENCH_ARGS)
 
 demo: venv
 	@scripts/demo.sh

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: the agent on this machine, supervising the real `ollama` when it is on PATH and the
-# simulator otherwise; waits until it is ready, shows its status, and stops it cleanly.
+# simulator otherwise; waits until it is ready, shows its status, streams a chat through the proxy with a
+# key, prints the usage summary, and stops it cleanly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN="$PWD/.venv/bin"
@@ -20,9 +21,11 @@ done
 
 if command -v ollama >/dev/null 2>&1; then
   command='["ollama", "serve"]'
+  sim_env=""
   step "using the real ollama at $(command -v ollama)"
 else
   command="[\"$BIN/llmfleet-ollama-sim\", \"serve\"]"
+  sim_env="env: {LLMFLEET_SIM_TOKEN_DELAY: \"0.08\"}"   # slow enough to watch the stream arrive
   step "ollama is not on PATH: using llmfleet-ollama-sim, the stand-in for demos (it echoes, it is not a model)"
 fi
 
@@ -36,6 +39,7 @@ ollama:
   port: $OLLAMA_PORT
   models: ["$MODEL"]
   models_dir: $DEMO_DIR/models
+  $sim_env
 store: {url: "sqlite:///$DEMO_DIR/agent.db"}
 logging: {format: text}
 YAML
@@ -71,6 +75,14 @@ case "$last" in *'"ready": true'*) ;; *) die "not ready after 60 s; see $DEMO_DI
 step "llmfleet-agent status"
 "$BIN/llmfleet-agent" status --config "$DEMO_DIR/agent.yaml"
 
+step "creating a user key and streaming a chat through the proxy with the openai client"
+LLMFLEET_USER_KEY=$("$BIN/llmfleet-agent" keys create --config "$DEMO_DIR/agent.yaml" --name demo-user --role user) \
+  "$BIN/python" scripts/demo_chat.py "http://127.0.0.1:$AGENT_PORT" "$MODEL"
+
+step "the same request without a key is refused"
+curl -s -o /dev/null -w "   HTTP %{http_code} for /v1/chat/completions without a key\n" \
+  "http://127.0.0.1:$AGENT_PORT/v1/chat/completions" -d '{"model": "x", "messages": []}'
+
 step "stopping the agent (SIGTERM): it stops Ollama and exits"
 stop_agent
 trap - EXIT
@@ -78,3 +90,6 @@ if pgrep -f -- "--config $DEMO_DIR/agent.yaml" >/dev/null || pgrep -f "$BIN/llmf
   die "something is still running"
 fi
 echo "stopped; nothing left running. Log: $DEMO_DIR/agent.log"
+
+step "usage records (written in the background, flushed at stop: llmfleet-agent usage)"
+"$BIN/llmfleet-agent" usage --config "$DEMO_DIR/agent.yaml" --by key

@@ -307,10 +307,15 @@ class Supervisor:
     async def _pipe(self, stream: asyncio.StreamReader | None, name: str) -> None:
         if stream is None:
             return
+        fields = {"fields": {"stream": name}}
         while line := await stream.readline():
             text = line.decode(errors="replace").rstrip()
-            if text:
-                child_log.info("ollama: %s", text, extra={"fields": {"stream": name}})
+            if not text:
+                continue
+            # Ollama's per-request lines ("[GIN] ...") repeat the agent's own access log: debug level, so
+            # they cost nothing unless asked for
+            level = logging.DEBUG if text.startswith("[GIN]") else logging.INFO
+            child_log.log(level, "ollama: %s", text, extra=fields)
 
     # ----- while RUNNING ----------------------------------------------------------------------------
     async def _watch_health(self, proc: asyncio.subprocess.Process) -> None:

@@ -33,7 +33,8 @@ class Counts:
         usage = obj.get("usage")
         if isinstance(usage, dict):
             self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-            self.completion_tokens = int(usage.get("completion_tokens") or 0)
+            if "completion_tokens" in usage:  # absent for embeddings
+                self.completion_tokens = int(usage["completion_tokens"] or 0)
         error = obj.get("error")
         if error is not None:
             self.error = str(error.get("message", error)) if isinstance(error, dict) else str(error)

@@ -1,0 +1,371 @@
+#!/usr/bin/env python3
+"""Benchmark: the agent's proxy against a direct connection to the same Ollama, side by side in one run.
+
+Starts the agent with the simulator as its Ollama (token delay 0, so the backend costs almost nothing and
+the proxy's own cost shows), then drives the simulator directly and through the agent with the same
+requests: concurrency 1 and 64, streamed and not. Reports the latency the agent adds (p50, p99), the
+throughput ratio (agent / direct), the time-to-first-byte added for streams, the agent's peak memory, and
+its memory before and after 20,000 requests. Writes everything as JSON under bench/results/.
+
+    make bench                       # or: .venv/bin/python bench/bench.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+BODY = {
+    "model": "tinyllama",
+    "messages": [{"role": "user", "content": "one two three four five six seven eight"}],
+}
+
+
+@dataclass
+class Run:
+    target: str  # direct | agent
+    concurrency: int
+    stream: bool
+    requests: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    ttfb_p50_ms: float
+    ttfb_p99_ms: float
+    errors: int
+    cpu_us_per_request: dict[str, float]  # CPU time per request, by pid (the agent's and Ollama's)
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+async def one(
+    session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str]
+) -> tuple[float, float, bool]:
+    start = time.perf_counter()
+    first = None
+    async with session.post(url, data=body, headers=headers) as resp:
+        async for _ in resp.content.iter_any():
+            if first is None:
+                first = time.perf_counter()
+        ok = resp.status == 200
+    end = time.perf_counter()
+    return end - start, (first or end) - start, ok
+
+
+class Target:
+    """One side of the comparison: a base URL, its headers, and what was measured against it."""
+
+    def __init__(
+        self, name: str, base: str, key: str | None, stream: bool, watch: list[psutil.Process]
+    ) -> None:
+        self.name = name
+        self.watch = watch  # processes whose CPU time is charged to this side's requests
+        self.cpu: dict[int, float] = {p.pid: 0.0 for p in watch}
+        self.url = f"{base}/api/chat"
+        self.headers = {"Content-Type": "application/json"}
+        if key:
+            self.headers["Authorization"] = f"Bearer {key}"
+        self.body = json.dumps({**BODY, "stream": stream}).encode()
+        self.latencies: list[float] = []
+        self.ttfbs: list[float] = []
+        self.errors = 0
+        self.seconds = 0.0
+
+    async def request(self, session: aiohttp.ClientSession) -> None:
+        latency, ttfb, ok = await one(session, self.url, self.body, self.headers)
+        self.latencies.append(latency)
+        self.ttfbs.append(ttfb)
+        self.errors += not ok
+
+    def cpu_now(self) -> dict[int, float]:
+        return {p.pid: sum(p.cpu_times()[:2]) for p in self.watch}
+
+    def charge(self, before: dict[int, float], elapsed: float) -> None:
+        self.seconds += elapsed
+        for pid, value in self.cpu_now().items():
+            self.cpu[pid] += value - before[pid]
+
+    def run(self, concurrency: int, stream: bool) -> Run:
+        n = len(self.latencies)
+        cpu_us = {str(pid): round(sec / n * 1e6, 1) for pid, sec in self.cpu.items()}
+        return Run(
+            self.name,
+            concurrency,
+            stream,
+            n,
+            self.seconds,
+            pct(self.latencies, 0.5),
+            pct(self.latencies, 0.99),
+            pct(self.ttfbs, 0.5),
+            pct(self.ttfbs, 0.99),
+            self.errors,
+            cpu_us,
+        )
+
+
+async def compare(targets: list[Target], concurrency: int, total: int, rounds: int = 8) -> None:
+    """Drive the targets with the same requests. At concurrency 1 they alternate request by request; above
+    it, in alternating rounds, so that whatever else the machine does falls on both sides alike."""
+    sessions = [aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) for _ in targets]
+    try:
+        for target, session in zip(targets, sessions, strict=True):
+            for _ in range(20):  # warm the connections
+                await one(session, target.url, target.body, target.headers)
+            target.latencies.clear()
+            target.ttfbs.clear()
+        if concurrency == 1:
+            for _ in range(total):
+                for target, session in zip(targets, sessions, strict=True):
+                    cpu, started = target.cpu_now(), time.perf_counter()
+                    await target.request(session)
+                    target.charge(cpu, time.perf_counter() - started)
+            return
+        per_round = max(1, total // rounds)
+        for _ in range(rounds):
+            for target, session in zip(targets, sessions, strict=True):
+                remaining = per_round
+
+                async def worker(t: Target = target, s: aiohttp.ClientSession = session) -> None:
+                    nonlocal remaining
+                    while remaining > 0:
+                        remaining -= 1
+                        await t.request(s)
+
+                cpu, started = target.cpu_now(), time.perf_counter()
+                await asyncio.gather(*(worker() for _ in range(concurrency)))
+                target.charge(cpu, time.perf_counter() - started)
+    finally:
+        for session in sessions:
+            await session.close()
+
+
+async def drive(base: str, key: str | None, concurrency: int, stream: bool, total: int) -> Run:
+    target = Target("agent" if key else "direct", base, key, stream, [])
+    await compare([target], concurrency, total, rounds=1)
+    return target.run(concurrency, stream)
+
+
+class PeakRss:
+    """Samples a process's resident memory in the background."""
+
+    def __init__(self, pid: int) -> None:
+        self.proc = psutil.Process(pid)
+        self.peak = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def now(self) -> int:
+        return int(self.proc.memory_info().rss)
+
+    async def _loop(self) -> None:
+        while True:
+            self.peak = max(self.peak, self.now())
+            await asyncio.sleep(0.05)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+
+
+def start_agent(workdir: Path) -> tuple[subprocess.Popen[bytes], str, str, str]:
+    agent_port, ollama_port = free_port(), free_port()
+    config = {
+        "listen": {"host": "127.0.0.1", "port": agent_port},
+        "ollama": {
+            "command": [str(BIN / "llmfleet-ollama-sim"), "serve"],
+            "port": ollama_port,
+            "models": ["tinyllama:latest"],
+            "models_dir": str(workdir / "models"),
+            "env": {"LLMFLEET_SIM_TOKEN_DELAY": "0"},
+        },
+        "store": {"url": f"sqlite:///{workdir}/agent.db"},
+    }
+    path = workdir / "agent.yaml"
+    path.write_text(yaml.safe_dump(config))
+    made = subprocess.run(
+        [
+            BIN / "llmfleet-agent",
+            "keys",
+            "create",
+            "--config",
+            path,
+            "--name",
+            "bench",
+            "--role",
+            "user",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    key = made.stdout.strip()
+    log = (workdir / "agent.log").open("wb")
+    proc = subprocess.Popen([BIN / "llmfleet-agent", "serve", "--config", path], stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{agent_port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=1) as resp:  # noqa: S310 - our own http URL
+                if resp.status == 200:
+                    return proc, url, f"http://127.0.0.1:{ollama_port}", key
+        except OSError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise SystemExit(f"the agent did not become ready; see {workdir / 'agent.log'}")
+
+
+async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    proc, agent_url, direct_url, key = start_agent(workdir)
+    rss = PeakRss(proc.pid)
+    agent_proc = psutil.Process(proc.pid)
+    ollama_proc = agent_proc.children()[0]
+    rss.start()
+    runs: list[Run] = []
+    try:
+        for concurrency, total in ((1, args.requests_c1), (64, args.requests_c64)):
+            for stream in (False, True):
+                sides = [
+                    Target("direct", direct_url, None, stream, [ollama_proc]),
+                    Target("agent", agent_url, key, stream, [agent_proc, ollama_proc]),
+                ]
+                await compare(sides, concurrency, total)
+                pair = [side.run(concurrency, stream) for side in sides]
+                for run in pair:
+                    target = run.target
+                    print(
+                        f"  {target:<6} c={concurrency:<3} stream={stream!s:<5} {run.rps:8.0f} req/s  "
+                        f"p50 {run.p50_ms:7.3f} ms  p99 {run.p99_ms:7.3f} ms  "
+                        f"ttfb p50 {run.ttfb_p50_ms:7.3f} ms",
+                        flush=True,
+                    )
+                runs.extend(pair)
+        # memory over many requests: after a warm-up, then after `soak` more
+        await drive(agent_url, key, 16, False, 2000)
+        before = rss.now()
+        soak = await drive(agent_url, key, 16, False, args.soak)
+        after = rss.now()
+        print(
+            f"  soak: {args.soak} requests at c=16, {soak.rps:.0f} req/s, rss {before / 2**20:.1f} -> "
+            f"{after / 2**20:.1f} MiB",
+            flush=True,
+        )
+    finally:
+        rss.stop()
+        proc.terminate()
+        proc.wait(timeout=30)
+
+    agent_pid, ollama_pid = agent_proc.pid, ollama_proc.pid
+    comparisons = []
+    for direct, agent in zip(runs[0::2], runs[1::2], strict=True):
+        comparisons.append(
+            {
+                "concurrency": direct.concurrency,
+                "stream": direct.stream,
+                "added_p50_ms": round(agent.p50_ms - direct.p50_ms, 3),
+                "added_p99_ms": round(agent.p99_ms - direct.p99_ms, 3),
+                "added_ttfb_p50_ms": round(agent.ttfb_p50_ms - direct.ttfb_p50_ms, 3),
+                "throughput_ratio": round(agent.rps / direct.rps, 3),
+                "direct_rps": round(direct.rps, 1),
+                "agent_rps": round(agent.rps, 1),
+                "ollama_cpu_us_per_request": direct.cpu_us_per_request[str(ollama_pid)],
+                "agent_cpu_us_per_request": agent.cpu_us_per_request[str(agent_pid)],
+            }
+        )
+    return {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "runs": [{**asdict(r), "rps": round(r.rps, 1)} for r in runs],
+        "comparisons": comparisons,
+        "agent_memory": {
+            "peak_rss_mib": round(rss.peak / 2**20, 1),
+            "soak_requests": args.soak,
+            "rss_before_soak_mib": round(before / 2**20, 1),
+            "rss_after_soak_mib": round(after / 2**20, 1),
+            "growth_mib": round((after - before) / 2**20, 1),
+        },
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests-c1", type=int, default=2000)
+    parser.add_argument("--requests-c64", type=int, default=6400)
+    parser.add_argument("--soak", type=int, default=20000)
+    parser.add_argument("--quick", action="store_true", help="few requests: checks that the bench works")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args()
+    if args.quick:
+        args.requests_c1, args.requests_c64, args.soak = 200, 640, 1000
+    print(
+        "llmfleet bench: the agent vs a direct connection to the same simulator (token delay 0)",
+        flush=True,
+    )
+    with tempfile.TemporaryDirectory(prefix="llmfleet-bench-") as tmp:
+        result = asyncio.run(bench(args, Path(tmp)))
+    print(
+        "\n  concurrency stream  added p50  added p99  added ttfb p50  agent/direct req/s"
+        "  CPU/request: agent, ollama"
+    )
+    for c in result["comparisons"]:
+        print(
+            f"  {c['concurrency']:>11} {c['stream']!s:<6} {c['added_p50_ms']:>6.3f} ms"
+            f" {c['added_p99_ms']:>6.3f} ms"
+            f" {c['added_ttfb_p50_ms']:>11.3f} ms {c['throughput_ratio']:>18.2f}"
+            f"  {c['agent_cpu_us_per_request']:>6.0f} us, {c['ollama_cpu_us_per_request']:.0f} us"
+        )
+    mem = result["agent_memory"]
+    print(
+        f"\n  agent peak RSS {mem['peak_rss_mib']} MiB; over {mem['soak_requests']} requests "
+        f"{mem['rss_before_soak_mib']} -> {mem['rss_after_soak_mib']} MiB ({mem['growth_mib']:+} MiB)"
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "quick" if args.quick else time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    path = args.out / f"bench-{name}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\n  written: {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
