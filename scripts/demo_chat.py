@@ -1,6 +1,6 @@
 """Part of `make demo`: a streamed chat through the agent with the official `openai` client.
 
-    demo_chat.py URL MODEL      (the key comes from $LLMFLEET_USER_KEY)
+demo_chat.py URL MODEL      (the key comes from $LLMFLEET_USER_KEY)
 """
 
 from __future__ import annotations
