@@ -4,8 +4,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+# the collection resolves as llmfleet.aws through this link (ansible.cfg's collections_path)
+COLLECTION_LINK := .ansible/collections/ansible_collections/llmfleet/aws
+EMULATOR_PORT ?= 5000
 
-.PHONY: help demo test test-fast lint format bench system-deps venv clean
+.PHONY: help demo test test-fast test-agent test-collection sanity lint format bench emulator emulator-stop \
+	system-deps venv clean
 
 help:
 	@echo "make demo       run the agent on this machine (real ollama if on PATH, else the simulator)"
@@ -14,41 +18,67 @@ help:
 	@echo "make lint       ruff check and format check"
 	@echo "make format     ruff format and fix"
 	@echo "make bench      the proxy against a direct connection; JSON under bench/results/"
+	@echo "make emulator   start the local AWS emulator on 127.0.0.1:$(EMULATOR_PORT) (make emulator-stop)"
+	@echo "make sanity     ansible-test sanity on the built collection"
 
 system-deps:
 	@scripts/install-system-deps.sh
 
-# the virtual environment is rebuilt when the package's dependencies change
-$(BIN)/.installed: agent/pyproject.toml
-	@echo "==> creating $(VENV) and installing the agent with its test tools"
+# the virtual environment is rebuilt when a dependency list changes
+$(BIN)/.installed: agent/pyproject.toml requirements.txt requirements-dev.txt
+	@echo "==> creating $(VENV): the agent with its test tools, Ansible with the AWS collections, moto"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q --upgrade pip
-	@$(BIN)/python -m pip install -q -e './agent[test]'
+	@$(BIN)/python -m pip install -q -e './agent[test]' -r requirements-dev.txt
 	@touch $@
 
-venv: system-deps $(BIN)/.installed
+$(COLLECTION_LINK):
+	@mkdir -p $(dir $@)
+	@ln -sfn ../../../.. $@
+
+venv: system-deps $(BIN)/.installed $(COLLECTION_LINK)
+
+PY_DIRS := agent bench scripts plugins tests
 
 lint: venv
 	@echo "==> ruff"
-	@$(BIN)/ruff check agent bench
-	@$(BIN)/ruff format --check agent bench
+	@$(BIN)/ruff check $(PY_DIRS)
+	@$(BIN)/ruff format --check $(PY_DIRS)
+	@echo "==> ansible-lint (production profile)"
+	@PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/ansible-lint -q
 
 format: venv
-	@$(BIN)/ruff format agent bench
-	@$(BIN)/ruff check --fix agent bench
+	@$(BIN)/ruff format $(PY_DIRS)
+	@$(BIN)/ruff check --fix $(PY_DIRS)
 
-test: lint
-	@echo "==> pytest (CI=$${CI:-false})"
+test: lint test-agent test-collection sanity
+
+test-agent: venv
+	@echo "==> agent tests (CI=$${CI:-false})"
 	@cd agent && ../$(BIN)/pytest $(PYTEST_ARGS)
 
+test-collection: venv
+	@echo "==> collection tests: module unit tests, playbooks against the emulator"
+	@PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest tests $(PYTEST_ARGS)
+
+sanity: venv
+	@echo "==> ansible-test sanity"
+	@PATH="$(CURDIR)/$(BIN):$$PATH" scripts/sanity.sh
+
 test-fast: PYTEST_ARGS += -m "not slow"
-test-fast: test
+test-fast: lint test-agent test-collection
 
 bench: venv
 	@$(BIN)/python bench/bench.py $(BENCH_ARGS)
 
 demo: venv
 	@scripts/demo.sh
+
+emulator: venv
+	@$(BIN)/python scripts/emulator.py start --port $(EMULATOR_PORT)
+
+emulator-stop:
+	@$(BIN)/python scripts/emulator.py stop --port $(EMULATOR_PORT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache agent/.pytest_cache .ruff_cache

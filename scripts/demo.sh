@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# `make demo`: the agent on this machine, supervising the real `ollama` when it is on PATH and the
-# simulator otherwise; waits until it is ready, shows its status, streams a chat through the proxy with a
-# key, prints the usage summary, and stops it cleanly.
+# `make demo`: the whole product on this machine. First the AWS stage: site.yml with inventories/local
+# builds the network, directory, database and GPU hosts in the local AWS emulator and prints the summary.
+# Then the host stage: the agent, supervising the real `ollama` when it is on PATH and the simulator
+# otherwise; it waits until the agent is ready, shows its status, streams a chat through the proxy with a
+# key, prints the usage summary, and stops everything it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN="$PWD/.venv/bin"
@@ -9,6 +11,8 @@ DEMO_DIR="${LLMFLEET_DEMO_DIR:-/tmp/llmfleet-demo}"
 AGENT_PORT="${LLMFLEET_DEMO_PORT:-18443}"
 OLLAMA_PORT="${LLMFLEET_DEMO_OLLAMA_PORT:-21434}"
 MODEL="${LLMFLEET_DEMO_MODEL:-tinyllama:latest}"
+EMULATOR_PORT="${LLMFLEET_EMULATOR_PORT:-5000}"
+export AWS_ENDPOINT_URL="http://127.0.0.1:$EMULATOR_PORT"
 
 step() { printf '\n==> %s\n' "$*"; }
 die() { printf 'demo: %s\n' "$*" >&2; exit 1; }
@@ -19,6 +23,29 @@ for port in "$AGENT_PORT" "$OLLAMA_PORT"; do
   fi
 done
 
+emulator_started=""
+agent_pid=""
+cleanup() {
+  if [ -n "$agent_pid" ] && kill -0 "$agent_pid" 2>/dev/null; then
+    kill -TERM "$agent_pid" 2>/dev/null || true
+    wait "$agent_pid" 2>/dev/null || true
+  fi
+  if [ -n "$emulator_started" ]; then "$BIN/python" scripts/emulator.py stop --port "$EMULATOR_PORT" >/dev/null; fi
+}
+trap cleanup EXIT
+
+step "the AWS stage: starting the local AWS emulator (moto's server mode) on $AWS_ENDPOINT_URL"
+if "$BIN/python" scripts/emulator.py status --port "$EMULATOR_PORT" >/dev/null; then
+  echo "   already running: using it (and leaving it running)"
+else
+  "$BIN/python" scripts/emulator.py start --port "$EMULATOR_PORT"
+  emulator_started=yes
+fi
+
+step "ansible-playbook site.yml -i inventories/local: network, directory, database, GPU hosts (about a minute)"
+"$BIN/ansible-playbook" -i inventories/local site.yml
+
+step "the host stage: this machine as the GPU host"
 if command -v ollama >/dev/null 2>&1; then
   command='["ollama", "serve"]'
   sim_env=""
@@ -53,13 +80,6 @@ echo "key: ${LLMFLEET_API_KEY:0:12}… (full key in \$LLMFLEET_API_KEY for this 
 step "starting the agent on http://127.0.0.1:$AGENT_PORT (log: $DEMO_DIR/agent.log)"
 "$BIN/llmfleet-agent" serve --config "$DEMO_DIR/agent.yaml" >"$DEMO_DIR/agent.log" 2>&1 &
 agent_pid=$!
-stop_agent() {
-  if kill -0 "$agent_pid" 2>/dev/null; then
-    kill -TERM "$agent_pid" 2>/dev/null || true
-    wait "$agent_pid" 2>/dev/null || true
-  fi
-}
-trap stop_agent EXIT
 
 step "waiting until /readyz answers 200 (Ollama running, $MODEL pulled)"
 last=""
@@ -84,8 +104,8 @@ curl -s -o /dev/null -w "   HTTP %{http_code} for /v1/chat/completions without a
   "http://127.0.0.1:$AGENT_PORT/v1/chat/completions" -d '{"model": "x", "messages": []}'
 
 step "stopping the agent (SIGTERM): it stops Ollama and exits"
-stop_agent
-trap - EXIT
+kill -TERM "$agent_pid"
+wait "$agent_pid" || true
 if pgrep -f -- "--config $DEMO_DIR/agent.yaml" >/dev/null || pgrep -f "$BIN/llmfleet-ollama-sim" >/dev/null; then
   die "something is still running"
 fi
@@ -93,3 +113,7 @@ echo "stopped; nothing left running. Log: $DEMO_DIR/agent.log"
 
 step "usage records (written in the background, flushed at stop: llmfleet-agent usage)"
 "$BIN/llmfleet-agent" usage --config "$DEMO_DIR/agent.yaml" --by key
+
+if [ -n "$emulator_started" ]; then
+  step "stopping the emulator (what site.yml built there goes with it)"
+fi

@@ -6,9 +6,10 @@
     emulator.py status                 say whether it answers
     emulator.py reset                  empty it (POST /moto-api/reset)
 
-It loads AWS's managed IAM policies (the GPU hosts' role attaches AmazonSSMManagedInstanceCore) and
+It loads AWS's managed IAM policies (the GPU hosts' role attaches AmazonSSMManagedInstanceCore),
 replaces moto's AMI list with scripts/emulator/amis.json, whose Deep Learning AMIs match the production
-filter. Tests import `start`/`stop` from here too.
+filter, and runs moto through scripts/emulator/server.py, which makes it answer like AWS where the
+playbooks depend on it. Tests import `start`/`stop` from here too.
 """
 
 from __future__ import annotations
@@ -42,9 +43,7 @@ def answers(port: int) -> bool:
         return False
 
 
-def moto_server() -> str:
-    local = Path(sys.executable).parent / "moto_server"
-    return str(local) if local.exists() else "moto_server"
+SERVER = ROOT / "scripts" / "emulator" / "server.py"
 
 
 def start(
@@ -57,7 +56,7 @@ def start(
     env = {**os.environ, "MOTO_IAM_LOAD_MANAGED_POLICIES": "true", "MOTO_AMIS_PATH": str(AMIS)}
     log = (state_dir / f"moto-{port}.log").open("ab")
     proc = subprocess.Popen(
-        [moto_server(), "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, str(SERVER), "-H", "127.0.0.1", "-p", str(port)],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -7,6 +7,8 @@ set -euo pipefail
 packages=(
   python3-venv   # `python3 -m venv` on a Debian python3
   curl           # the demo talks to the agent with it
+  shellcheck     # ansible-test sanity checks the collection's shell scripts with it
+  openssl        # tests make self-signed certificates
 )
 
 missing=()

@@ -1,0 +1,55 @@
+"""The local AWS emulator (moto's server mode) for the playbook tests, one per test session."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+import emulator
+
+REGION = "us-east-1"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def aws_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if importlib.util.find_spec("moto") is None:
+        message = "moto is not installed (make test installs it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    port = _free_port()
+    state = tmp_path_factory.mktemp("emulator")
+    emulator.start(port, state)
+    try:
+        yield emulator.url_for(port)
+    finally:
+        emulator.stop(port, state)
+
+
+@pytest.fixture(scope="session")
+def aws(aws_endpoint: str) -> Any:
+    """A boto3 client factory for the emulator."""
+    import boto3
+
+    session = boto3.session.Session(
+        aws_access_key_id="testing", aws_secret_access_key="testing", region_name=REGION
+    )
+
+    def client(service: str) -> Any:
+        return session.client(service, endpoint_url=aws_endpoint)
+
+    return client
