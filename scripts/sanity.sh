@@ -37,4 +37,7 @@ for dependency in amazon community; do
 done
 cd "$tree"
 python_version=$("$root/.venv/bin/python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
-HOME=$test_home ansible-test sanity --local --python "$python_version" --color no "$@"
+# pip's own progress lines from the sanity venvs are noise here
+HOME=$test_home ansible-test sanity --local --python "$python_version" --color no "$@" 2>&1 \
+  | grep --line-buffered -vE '^(Collecting |  Downloading |Processing |Installing collected|Successfully installed|Looking in links|Using cached pip| +━)'
+exit "${PIPESTATUS[0]}"
