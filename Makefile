@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 COLLECTION_LINK := .ansible/collections/ansible_collections/llmfleet/aws
 EMULATOR_PORT ?= 5000
 
-.PHONY: help demo test test-fast test-agent test-collection sanity lint format bench emulator emulator-stop \
+.PHONY: help demo test test-fast test-agent test-collection test-roles sanity lint format bench emulator emulator-stop \
 	system-deps venv clean
 
 help:
@@ -51,7 +51,7 @@ format: venv
 	@$(BIN)/ruff format $(PY_DIRS)
 	@$(BIN)/ruff check --fix $(PY_DIRS)
 
-test: lint test-agent test-collection sanity
+test: lint test-agent test-collection test-roles sanity
 
 test-agent: venv
 	@echo "==> agent tests (CI=$${CI:-false})"
@@ -60,6 +60,16 @@ test-agent: venv
 test-collection: venv
 	@echo "==> collection tests: module unit tests, playbooks against the emulator"
 	@PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest tests $(PYTEST_ARGS)
+
+# the host roles on a real systemd (molecule, podman, a debootstrapped Debian image built once)
+test-roles: venv
+	@echo "==> role tests: molecule on systemd in podman"
+	@if ! command -v podman >/dev/null || ! command -v debootstrap >/dev/null; then \
+	  if [ "$${CI:-}" = "true" ]; then echo "podman or debootstrap missing" >&2; exit 1; fi; \
+	  echo "   skipped: podman or debootstrap is not installed (make system-deps)"; exit 0; \
+	fi; \
+	scripts/test-image.sh && \
+	CONTAINERS_CONF="$(CURDIR)/tests/containers/containers.conf" PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/molecule test
 
 sanity: venv
 	@echo "==> ansible-test sanity"

@@ -9,6 +9,9 @@ packages=(
   curl           # the demo talks to the agent with it
   shellcheck     # ansible-test sanity checks the collection's shell scripts with it
   openssl        # tests make self-signed certificates
+  podman         # role tests: systemd in a container (molecule)
+  runc
+  debootstrap    # the container's Debian root filesystem (scripts/test-image.sh)
 )
 
 missing=()
