@@ -1,27 +1,20 @@
 #!/usr/bin/env bash
 # `make demo`: the whole product on this machine. First the AWS stage: site.yml with inventories/local
 # builds the network, directory, database and GPU hosts in the local AWS emulator and prints the summary.
-# Then the host stage: the agent, supervising the real `ollama` when it is on PATH and the simulator
-# otherwise; it waits until the agent is ready, shows its status, streams a chat through the proxy with a
-# key, prints the usage summary, and stops everything it started.
+# Then the host stage: playbooks/configure.yml makes this machine the GPU host (no root, every path under
+# .llmfleet/llmfleet-local/host): Ollama (the real `ollama` when it is on PATH, else the simulator) and the
+# agent with its keys. The demo starts that agent, waits until it is ready, shows the endpoint, the keys
+# and the status, streams a chat through the proxy with a key, prints the usage summary, and stops
+# everything it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN="$PWD/.venv/bin"
-DEMO_DIR="${LLMFLEET_DEMO_DIR:-/tmp/llmfleet-demo}"
-AGENT_PORT="${LLMFLEET_DEMO_PORT:-18443}"
-OLLAMA_PORT="${LLMFLEET_DEMO_OLLAMA_PORT:-21434}"
 MODEL="${LLMFLEET_DEMO_MODEL:-tinyllama:latest}"
 EMULATOR_PORT="${LLMFLEET_EMULATOR_PORT:-5000}"
 export AWS_ENDPOINT_URL="http://127.0.0.1:$EMULATOR_PORT"
 
 step() { printf '\n==> %s\n' "$*"; }
 die() { printf 'demo: %s\n' "$*" >&2; exit 1; }
-
-for port in "$AGENT_PORT" "$OLLAMA_PORT"; do
-  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-    die "port $port is in use on 127.0.0.1 (set LLMFLEET_DEMO_PORT / LLMFLEET_DEMO_OLLAMA_PORT)"
-  fi
-done
 
 emulator_started=""
 agent_pid=""
@@ -45,58 +38,52 @@ fi
 step "ansible-playbook site.yml -i inventories/local: network, directory, database, GPU hosts (about a minute)"
 "$BIN/ansible-playbook" -i inventories/local site.yml
 
-step "the host stage: this machine as the GPU host"
+step "the host stage: ansible-playbook playbooks/configure.yml (this machine as the GPU host, no root)"
 if command -v ollama >/dev/null 2>&1; then
-  command='["ollama", "serve"]'
-  sim_env=""
-  step "using the real ollama at $(command -v ollama)"
+  echo "   Ollama: the real ollama at $(command -v ollama)"
 else
-  command="[\"$BIN/llmfleet-ollama-sim\", \"serve\"]"
-  sim_env="env: {LLMFLEET_SIM_TOKEN_DELAY: \"0.08\"}"   # slow enough to watch the stream arrive
-  step "ollama is not on PATH: using llmfleet-ollama-sim, the stand-in for demos (it echoes, it is not a model)"
+  echo "   Ollama: not on PATH, so llmfleet-ollama-sim stands in (it echoes the prompt; it is not a model)"
 fi
+"$BIN/ansible-playbook" -i inventories/local playbooks/configure.yml
 
-step "writing a fresh configuration in $DEMO_DIR"
-rm -rf "$DEMO_DIR"
-mkdir -p "$DEMO_DIR/models"
-cat > "$DEMO_DIR/agent.yaml" <<YAML
-listen: {host: 127.0.0.1, port: $AGENT_PORT}
-ollama:
-  command: $command
-  port: $OLLAMA_PORT
-  models: ["$MODEL"]
-  models_dir: $DEMO_DIR/models
-  $sim_env
-store: {url: "sqlite:///$DEMO_DIR/agent.db"}
-logging: {format: text}
-YAML
-"$BIN/llmfleet-agent" check-config --config "$DEMO_DIR/agent.yaml"
+STATE=.llmfleet/llmfleet-local
+CONFIG="$STATE/host/etc/llmfleet/agent.yaml"
+AGENT="$STATE/host/opt/llmfleet-agent/venv/bin/llmfleet-agent"
+AGENT_PORT=$("$BIN/python" -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['listen']['port'])" "$CONFIG")
+OLLAMA_PORT=$("$BIN/python" -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['ollama']['port'])" "$CONFIG")
+for port in "$AGENT_PORT" "$OLLAMA_PORT"; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then die "port $port is in use on 127.0.0.1"; fi
+done
 
-step "creating an operator key (shown once; only its hash is stored)"
-export LLMFLEET_API_KEY
-LLMFLEET_API_KEY=$("$BIN/llmfleet-agent" keys create --config "$DEMO_DIR/agent.yaml" --name demo-operator --role operator)
-echo "key: ${LLMFLEET_API_KEY:0:12}… (full key in \$LLMFLEET_API_KEY for this run)"
-
-step "starting the agent on http://127.0.0.1:$AGENT_PORT (log: $DEMO_DIR/agent.log)"
-"$BIN/llmfleet-agent" serve --config "$DEMO_DIR/agent.yaml" >"$DEMO_DIR/agent.log" 2>&1 &
+step "starting the agent as the role installed and configured it (no systemd here: started by hand)"
+echo "   $AGENT serve --config $CONFIG   (log: $STATE/agent.log)"
+"$AGENT" serve --config "$CONFIG" >"$STATE/agent.log" 2>&1 &
 agent_pid=$!
 
 step "waiting until /readyz answers 200 (Ollama running, $MODEL pulled)"
 last=""
 for _ in $(seq 1 600); do
-  kill -0 "$agent_pid" 2>/dev/null || { tail -n 20 "$DEMO_DIR/agent.log" >&2; die "the agent exited"; }
+  kill -0 "$agent_pid" 2>/dev/null || { tail -n 20 "$STATE/agent.log" >&2; die "the agent exited"; }
   body=$(curl -s "http://127.0.0.1:$AGENT_PORT/readyz" || true)
   if [ "$body" != "$last" ] && [ -n "$body" ]; then echo "   readyz: $body"; last=$body; fi
   case "$body" in *'"ready": true'*) break ;; esac
   sleep 0.1
 done
-case "$last" in *'"ready": true'*) ;; *) die "not ready after 60 s; see $DEMO_DIR/agent.log" ;; esac
+case "$last" in *'"ready": true'*) ;; *) die "not ready after 60 s; see $STATE/agent.log" ;; esac
+
+step "the endpoint and its keys (made on the controller; the host keeps only their hashes)"
+echo "   endpoint      http://127.0.0.1:$AGENT_PORT  (OpenAI API under /v1, Ollama's under /api)"
+for key in "$STATE"/keys/*.key; do
+  printf '   %-13s %s…  (%s)\n' "$(basename "$key" .key)" "$(head -c 12 "$key")" "$key"
+done
+export LLMFLEET_API_KEY
+LLMFLEET_API_KEY=$(cat "$STATE/keys/demo-operator.key")
 
 step "llmfleet-agent status"
-"$BIN/llmfleet-agent" status --config "$DEMO_DIR/agent.yaml"
+"$AGENT" status --config "$CONFIG"
 
-step "creating a user key and streaming a chat through the proxy with the openai client"
-LLMFLEET_USER_KEY=$("$BIN/llmfleet-agent" keys create --config "$DEMO_DIR/agent.yaml" --name demo-user --role user) \
+step "a streamed chat through the proxy with the openai client and the demo-user key"
+LLMFLEET_USER_KEY=$(cat "$STATE/keys/demo-user.key") \
   "$BIN/python" scripts/demo_chat.py "http://127.0.0.1:$AGENT_PORT" "$MODEL"
 
 step "the same request without a key is refused"
@@ -106,13 +93,11 @@ curl -s -o /dev/null -w "   HTTP %{http_code} for /v1/chat/completions without a
 step "stopping the agent (SIGTERM): it stops Ollama and exits"
 kill -TERM "$agent_pid"
 wait "$agent_pid" || true
-if pgrep -f -- "--config $DEMO_DIR/agent.yaml" >/dev/null || pgrep -f "$BIN/llmfleet-ollama-sim" >/dev/null; then
-  die "something is still running"
-fi
-echo "stopped; nothing left running. Log: $DEMO_DIR/agent.log"
+if pgrep -f -- "--config $CONFIG" >/dev/null; then die "the agent is still running"; fi
+echo "   stopped; nothing of it is left running. Log: $STATE/agent.log"
 
 step "usage records (written in the background, flushed at stop: llmfleet-agent usage)"
-"$BIN/llmfleet-agent" usage --config "$DEMO_DIR/agent.yaml" --by key
+"$AGENT" usage --config "$CONFIG" --by key
 
 if [ -n "$emulator_started" ]; then
   step "stopping the emulator (what site.yml built there goes with it)"
