@@ -107,19 +107,25 @@ def _list_tags(client, directory_id):
     return paginator.paginate(ResourceId=directory_id).build_full_result()["Tags"]
 
 
-def find_directory(client, module, name):
-    """The description of the MicrosoftAD directory named `name` (not Deleted), or None."""
+def microsoft_ad_directories(client, module, name=None, skip_stages=("Deleted",)):
+    """The MicrosoftAD directories of the region (named `name`, compared without case, when given),
+    leaving out those in `skip_stages`."""
     try:
         directories = describe_all_directories(client)
     except (BotoCoreError, ClientError) as e:
         module.fail_json_aws(e, msg="Unable to list the directories")
-    found = [
+    return [
         d
         for d in directories
-        if d.get("Name", "").lower() == name.lower()
-        and d.get("Type") == "MicrosoftAD"
-        and d.get("Stage") != "Deleted"
+        if d.get("Type") == "MicrosoftAD"
+        and d.get("Stage") not in skip_stages
+        and (name is None or d.get("Name", "").lower() == name.lower())
     ]
+
+
+def find_directory(client, module, name):
+    """The description of the MicrosoftAD directory named `name` (not Deleted), or None."""
+    found = microsoft_ad_directories(client, module, name)
     if len(found) > 1:
         ids = ", ".join(d["DirectoryId"] for d in found)
         module.fail_json(msg=f"Found {len(found)} directories named {name} ({ids}); expected at most one")

@@ -93,34 +93,19 @@ directories:
       type: dict
 """
 
-import contextlib
-
-with contextlib.suppress(ImportError):  # AnsibleAWSModule reports a missing botocore
-    from botocore.exceptions import BotoCoreError, ClientError
-
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
 from ansible_collections.llmfleet.aws.plugins.module_utils.directory import (
     GONE_STAGES,
-    describe_all_directories,
     directory_result,
     get_tags,
+    microsoft_ad_directories,
 )
 
 
 def list_directories(client, module, name):
-    try:
-        directories = describe_all_directories(client)
-    except (BotoCoreError, ClientError) as e:
-        module.fail_json_aws(e, msg="Unable to list the directories")
-    wanted = [
-        d
-        for d in directories
-        if d.get("Type") == "MicrosoftAD"
-        and d.get("Stage") not in GONE_STAGES
-        and (name is None or d.get("Name", "").lower() == name.lower())
-    ]
-    return [directory_result(d, get_tags(client, module, d["DirectoryId"])) for d in wanted]
+    found = microsoft_ad_directories(client, module, name, skip_stages=GONE_STAGES)
+    return [directory_result(d, get_tags(client, module, d["DirectoryId"])) for d in found]
 
 
 def main():
