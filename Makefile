@@ -51,7 +51,10 @@ format: venv
 	@$(BIN)/ruff format $(PY_DIRS)
 	@$(BIN)/ruff check --fix $(PY_DIRS)
 
-test: lint test-agent test-collection test-roles sanity
+# the agent's tests first and alone (some wait on sub-second deadlines); then the playbook tests, the
+# molecule scenarios (mostly waiting on containers) and sanity two at a time, their lines interleaved
+test: lint test-agent
+	@$(MAKE) --no-print-directory -j2 --output-sync=line test-collection test-roles sanity
 
 test-agent: venv
 	@echo "==> agent tests (CI=$${CI:-false})"
@@ -69,7 +72,7 @@ test-roles: venv
 	  echo "   skipped: podman or debootstrap is not installed (make system-deps)"; exit 0; \
 	fi; \
 	scripts/test-image.sh && \
-	CONTAINERS_CONF="$(CURDIR)/tests/containers/containers.conf" PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/molecule test
+	CONTAINERS_CONF="$(CURDIR)/tests/containers/containers.conf" PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/molecule test --all
 
 sanity: venv
 	@echo "==> ansible-test sanity"

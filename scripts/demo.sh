@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# `make demo`: the whole product on this machine. First the AWS stage: site.yml with inventories/local
-# builds the network, directory, database and GPU hosts in the local AWS emulator and prints the summary.
-# Then the host stage: playbooks/configure.yml makes this machine the GPU host (no root, every path under
-# .llmfleet/llmfleet-local/host): Ollama (the real `ollama` when it is on PATH, else the simulator) and the
-# agent with its keys. The demo starts that agent, waits until it is ready, shows the endpoint, the keys
-# and the status, streams a chat through the proxy with a key, prints the usage summary, and stops
-# everything it started.
+# `make demo`: the whole product on this machine, in one site.yml with inventories/local. First the AWS
+# stage builds the network, directory, database and GPU hosts in the local AWS emulator and prints the
+# summary; then the host stage (playbooks/configure.yml) makes this machine the GPU host (no root, every
+# path under .llmfleet/llmfleet-local/host): Ollama (the real `ollama` when it is on PATH, else the
+# simulator) and the agent with its keys. The demo starts that agent, waits until it is ready, shows the
+# endpoint, the keys and the status, streams a chat through the proxy with a key, prints the usage
+# summary, and stops everything it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN="$PWD/.venv/bin"
@@ -35,16 +35,15 @@ else
   emulator_started=yes
 fi
 
-step "ansible-playbook site.yml -i inventories/local: network, directory, database, GPU hosts (about a minute)"
-"$BIN/ansible-playbook" -i inventories/local site.yml
-
-step "the host stage: ansible-playbook playbooks/configure.yml (this machine as the GPU host, no root)"
 if command -v ollama >/dev/null 2>&1; then
-  echo "   Ollama: the real ollama at $(command -v ollama)"
+  ollama_note="the real ollama at $(command -v ollama)"
 else
-  echo "   Ollama: not on PATH, so llmfleet-ollama-sim stands in (it echoes the prompt; it is not a model)"
+  ollama_note="llmfleet-ollama-sim, as ollama is not on PATH (it echoes the prompt; it is not a model)"
 fi
-"$BIN/ansible-playbook" -i inventories/local playbooks/configure.yml
+step "ansible-playbook site.yml -i inventories/local (a minute or two)"
+echo "   the AWS stage in the emulator: network, directory, database, GPU hosts, summary"
+echo "   then the host stage on this machine as the GPU host, no root, under .llmfleet/: Ollama is $ollama_note"
+"$BIN/ansible-playbook" -i inventories/local site.yml
 
 STATE=.llmfleet/llmfleet-local
 CONFIG="$STATE/host/etc/llmfleet/agent.yaml"

@@ -1,15 +1,20 @@
 """site.yml against the emulator, end to end: build, converge (changed=0), check mode, what AWS holds,
-the summary, and teardown. The tests run in file order on one deployment."""
+the summary, this machine configured as the GPU host (inventories/local), and teardown. The tests run in
+file order on one deployment."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from agent_fleet import bearer, free_port, http, wait_until
 from playbook_runs import PlaybookRun, ansible_playbook
+from support import Proc
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +26,11 @@ class Deployment:
     def __init__(self, endpoint: str, state_dir: Path) -> None:
         self.env = {"AWS_ENDPOINT_URL": endpoint}
         self.state_dir = state_dir
-        self.extra = ["-e", f"llmfleet_deployment={DEPLOYMENT}", "-e", f"llmfleet_state_dir={state_dir}"]
+        self.extra = [
+            *("-e", f"llmfleet_deployment={DEPLOYMENT}", "-e", f"llmfleet_state_dir={state_dir}"),
+            # the host stage configures this machine: ports nothing else uses (the demo's are 8443, 21434)
+            *("-e", f"llmfleet_agent_port={free_port()}", "-e", f"llmfleet_agent_ollama_port={free_port()}"),
+        ]
         self.runs: list[PlaybookRun] = []
 
     def play(self, playbook: str, *args: str) -> PlaybookRun:
@@ -163,6 +172,64 @@ def test_summary_is_printed_and_written(deployment: Deployment, aws: Any) -> Non
     assert sorted(h["name"] for h in outputs["gpu_hosts"]) == ["gpu-a", "gpu-b"]
     assert all(h["private_ip"] for h in outputs["gpu_hosts"])
     assert "written to" in deployment.runs[0].stdout and outputs["vpc_id"] in deployment.runs[0].stdout
+
+
+class InstalledAgent:
+    """The agent the host stage installed under the deployment's prefix (inventories/local: no systemd,
+    so the test starts it the way the demo does)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        host = state_dir / "host"
+        self.config = host / "etc" / "llmfleet" / "agent.yaml"
+        self.bin = host / "opt" / "llmfleet-agent" / "venv" / "bin" / "llmfleet-agent"
+        self.keys = state_dir / "keys"
+        listen = yaml.safe_load(self.config.read_text())["listen"]
+        self.url = f"http://{listen['host']}:{listen['port']}"
+
+    def key(self, name: str) -> str:
+        return (self.keys / f"{name}.key").read_text().strip()
+
+    def listed(self) -> dict[str, Any]:
+        res = subprocess.run(
+            [str(self.bin), "keys", "list", "--config", str(self.config), "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return {k["name"]: k for k in json.loads(res.stdout)}
+
+
+def test_host_stage_leaves_this_machine_ready_to_serve(deployment: Deployment, tmp_path: Path) -> None:
+    agent = InstalledAgent(deployment.state_dir)
+    assert "Host stage" in deployment.runs[0].stdout
+    for name in ("demo-operator", "demo-user"):
+        assert (agent.keys / f"{name}.key").stat().st_mode & 0o777 == 0o600
+        for run in deployment.runs:
+            assert agent.key(name) not in run.output, f"the key {name} appears in the output of {run.args}"
+    proc = Proc([str(agent.bin), "serve", "--config", str(agent.config)], tmp_path / "agent.log")
+    try:
+        wait_until(lambda: http("GET", agent.url + "/readyz")[0] == 200, 60, "the installed agent's /readyz")
+        code, body, _headers = http("GET", agent.url + "/api/tags", headers=bearer(agent.key("demo-user")))
+        assert code == 200 and [m["name"] for m in body["models"]] == ["tinyllama:latest"], body
+        assert http("GET", agent.url + "/api/tags")[0] == 401
+    finally:
+        proc.stop()
+
+
+def test_a_key_taken_off_the_list_is_revoked_on_the_host(deployment: Deployment) -> None:
+    agent = InstalledAgent(deployment.state_dir)
+    before = agent.listed()
+    assert before["demo-user"]["revoked"] is None and before["demo-operator"]["revoked"] is None
+    only_operator = json.dumps({"llmfleet_agent_keys": [{"name": "demo-operator", "role": "operator"}]})
+    run = deployment.play("playbooks/configure.yml", "-e", only_operator)
+    assert run.returncode == 0, run.output[-5000:]
+    assert "Revoke the keys that are not declared" in run.stdout and "demo-user" in run.stdout
+    after = agent.listed()
+    assert after["demo-user"]["revoked"] is not None, after
+    assert after["demo-operator"]["revoked"] is None, after
+    again = deployment.play("playbooks/configure.yml", "-e", only_operator)
+    assert again.returncode == 0 and again.recap()["changed"] == 0, again.output[-5000:]
 
 
 def tagged(aws: Any) -> list[str]:

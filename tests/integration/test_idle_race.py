@@ -1,0 +1,241 @@
+"""The race between "it looks idle" and "stop it": clients send requests at random moments to hosts
+while the idle sweep runs over and over, and a stopped host really dies.
+
+A watcher polls the emulator; the moment it sees an instance stopping or stopped it takes the host out of
+the clients' choice, lets the requests the clients already sent end, and kills the agent with SIGKILL, as
+a stopped instance would. After each sweep the stopped hosts come back (agent restarted, instance
+started) for the next one. What must hold for every request: it completed (a whole stream, ending in
+done) and was not running when its host was stopped; or it was refused with 503 by an agent whose host
+was then really stopped; or it found its host already down (the connection refused) while it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from agent_fleet import Fleet, fleet, wait_until
+from idle_support import Deployment
+
+pytestmark = pytest.mark.slow
+
+HOSTS = 20
+SWEEPS = 10  # a sweep decides for every host at once: HOSTS * SWEEPS = 200 host sweeps
+CLIENTS = 3
+# seconds: a host gets a request every second or two, so a few hosts drain in each sweep while requests
+# keep arriving at the others (and at the drained ones, until their instance is seen stopped)
+IDLE_AFTER = "2"
+SIM = {"ollama": {"env": {"LLMFLEET_SIM_TOKEN_DELAY": "0.02"}}}
+
+
+@dataclass
+class Request:
+    host: str
+    start: float
+    end: float = 0.0
+    outcome: str = ""  # complete | refused_503 | host_down | broken | other
+    detail: str = ""
+
+
+@dataclass
+class Downtime:
+    """A host from the moment its instance was seen stopped (agent killed) until it was back."""
+
+    host: str
+    killed: float
+    back: float = float("inf")
+
+
+@dataclass
+class World:
+    """What the clients may target and what happened: shared by the client threads, watcher and test."""
+
+    hosts: dict[str, str]  # name -> agent URL
+    up: dict[str, bool]
+    sending: dict[str, int]  # requests the clients have under way, per host
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    requests: list[Request] = field(default_factory=list)
+    downtimes: list[Downtime] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+def one_request(url: str, key: str, words: int) -> tuple[str, str]:
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    prompt = " ".join(f"w{i}" for i in range(words))
+    body = {"model": "tinyllama", "messages": [{"role": "user", "content": prompt}], "stream": True}
+    try:
+        try:
+            conn.request("POST", "/api/chat", json.dumps(body), {"Authorization": f"Bearer {key}"})
+        except ConnectionRefusedError:
+            return "host_down", "connection refused"
+        try:
+            resp = conn.getresponse()
+        except (ConnectionError, http.client.HTTPException) as exc:
+            return "broken", f"no answer: {exc!r}"
+        if resp.status == 503:
+            resp.read()
+            return "refused_503", ""
+        if resp.status != 200:
+            return "other", f"status {resp.status}: {resp.read()[:200]!r}"
+        last = b""
+        try:
+            while line := resp.readline():
+                if line.strip():
+                    last = line
+        except (ConnectionError, http.client.HTTPException) as exc:
+            return "broken", f"stream cut: {exc!r}"
+        parsed = json.loads(last) if last else {}
+        if parsed.get("done") is True and "error" not in parsed:
+            return "complete", ""
+        return "broken", f"stream ended without done: {last[:200]!r}"
+    finally:
+        conn.close()
+
+
+def client(world: World, key: str, seed: int) -> None:
+    rng = random.Random(seed)
+    while not world.stop.is_set():
+        time.sleep(rng.expovariate(1 / 0.2))
+        with world.lock:
+            candidates = [h for h, up in world.up.items() if up]
+        if not candidates:
+            continue
+        name = rng.choice(candidates)
+        with world.lock:
+            world.sending[name] += 1
+        req = Request(name, time.time())
+        try:
+            req.outcome, req.detail = one_request(world.hosts[name], key, rng.randint(3, 20))
+        finally:
+            req.end = time.time()
+            with world.lock:
+                world.sending[name] -= 1
+                world.requests.append(req)
+
+
+def watcher(world: World, dep: Deployment, agents: Fleet) -> None:
+    """Take a host down the moment its instance is seen stopping or stopped."""
+    while not world.stop.is_set():
+        for name, state in dep.states().items():
+            if state in ("stopping", "stopped") and world.up[name]:
+                with world.lock:
+                    world.up[name] = False
+                    world.downtimes.append(Downtime(name, time.time()))
+                # what the clients sent before they knew ends first (on a drained agent: a 503 at once)
+                deadline = time.monotonic() + 5
+                while world.sending[name] and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                proc = agents.agents[name].proc
+                assert proc is not None
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+        time.sleep(0.2)
+
+
+def bring_back(world: World, dep: Deployment, agents: Fleet, names: list[str]) -> None:
+    """Restart the killed agents and start their instances (what wake does on a real host)."""
+    for name in names:
+        proc = agents.agents[name].proc
+        assert proc is not None
+        proc.wait(10)
+        proc.stop()
+    agents.start(names)
+    dep.ec2.start_instances(InstanceIds=[dep.ids[n] for n in names])
+    wait_until(lambda: all(dep.states()[n] == "running" for n in names), 30, f"{names} running again")
+    now = time.time()
+    with world.lock:
+        for down in world.downtimes:
+            if down.host in names and down.back == float("inf"):
+                down.back = now
+        for name in names:
+            world.up[name] = True
+
+
+@pytest.fixture
+def race(tmp_path: Path, aws: Any, aws_endpoint: str) -> Iterator[tuple[World, Deployment, Fleet]]:
+    with fleet(tmp_path / "agents") as made:
+        names = [f"h{i:02d}" for i in range(HOSTS)]
+        made.add_many(names, SIM)
+        made.start()
+        dep = Deployment("idle-race", aws, aws_endpoint, tmp_path / "state", made.operator_key)
+        for name in names:
+            dep.launch(name, made.agents[name].url, IDLE_AFTER)
+        world = World(
+            {n: made.agents[n].url for n in names}, dict.fromkeys(names, True), dict.fromkeys(names, 0)
+        )
+        yield world, dep, made
+        world.stop.set()
+
+
+def test_sweeps_in_a_loop_never_cut_off_a_request(race: tuple[World, Deployment, Fleet]) -> None:
+    world, dep, agents = race
+    threads = [
+        threading.Thread(target=client, args=(world, agents.user_key, i), daemon=True) for i in range(CLIENTS)
+    ]
+    threads.append(threading.Thread(target=watcher, args=(world, dep, agents), daemon=True))
+    for thread in threads:
+        thread.start()
+
+    swept: dict[str, int] = {}
+    stops: list[tuple[str, float]] = []  # (host, time the sweep that stopped it ended)
+    for _sweep in range(SWEEPS):
+        _run, summary = dep.sweep()
+        for host in summary["hosts"]:
+            swept[host["outcome"]] = swept.get(host["outcome"], 0) + 1
+        stopped = [h["name"] for h in summary["hosts"] if h["outcome"] == "stopped"]
+        wait_until(
+            lambda s=stopped: all(not world.up[n] for n in s), 10, f"the watcher to take down {stopped}"
+        )
+        stops += [(n, time.time()) for n in stopped]
+        if stopped:
+            bring_back(world, dep, agents, stopped)
+    world.stop.set()
+    for thread in threads:
+        thread.join(60)
+
+    # the loop did what it says: every host swept each time, some stopped, some kept busy or not idle
+    assert sum(swept.values()) == HOSTS * SWEEPS >= 200, swept
+    assert swept.get("stopped", 0) >= 5 and swept.get("busy", 0) + swept.get("not_idle", 0) >= 20, swept
+    assert set(swept) <= {"stopped", "busy", "not_idle"}, swept
+    requests = world.requests
+    by_outcome = {
+        o: [r for r in requests if r.outcome == o] for o in ("complete", "refused_503", "host_down")
+    }
+    assert len(by_outcome["complete"]) >= 200, f"only {len(requests)} requests"
+
+    # nothing broke, nothing else went wrong
+    bad = [r for r in requests if r.outcome not in by_outcome]
+    assert not bad, bad[:10]
+
+    def downtimes(r: Request) -> list[Downtime]:
+        return [d for d in world.downtimes if d.host == r.host]
+
+    # no request that completed was still running when its host was seen stopped
+    cut = [r for r in by_outcome["complete"] if any(r.start < d.killed < r.end for d in downtimes(r))]
+    assert not cut, cut[:10]
+    # a 503 came from a drained agent whose host was stopped next (within the sweep that drained it)
+    wrong_503 = [
+        r for r in by_outcome["refused_503"] if not any(0 <= d.killed - r.start < 60 for d in downtimes(r))
+    ]
+    assert not wrong_503, wrong_503[:10]
+    # a refused connection only while the host was down
+    wrong_down = [
+        r
+        for r in by_outcome["host_down"]
+        if not any(d.killed <= r.end and r.start <= d.back for d in downtimes(r))
+    ]
+    assert not wrong_down, wrong_down[:10]
+    # each stop the sweep reported is a downtime the watcher saw
+    assert len(world.downtimes) == len(stops)
