@@ -52,9 +52,10 @@ format: venv
 	@$(BIN)/ruff check --fix $(PY_DIRS)
 
 # the agent's tests first and alone (some wait on sub-second deadlines); then the playbook tests, the
-# molecule scenarios (mostly waiting on containers) and sanity two at a time, their lines interleaved
+# molecule scenarios (mostly waiting on containers) and sanity two at a time, their output interleaved
+# as it comes (each part starts with a ==> line; pytest -ra and molecule end with their own summaries)
 test: lint test-agent
-	@$(MAKE) --no-print-directory -j2 --output-sync=line test-collection test-roles sanity
+	@$(MAKE) --no-print-directory -j2 test-collection test-roles sanity
 
 test-agent: venv
 	@echo "==> agent tests (CI=$${CI:-false})"

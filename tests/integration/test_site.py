@@ -26,10 +26,12 @@ class Deployment:
     def __init__(self, endpoint: str, state_dir: Path) -> None:
         self.env = {"AWS_ENDPOINT_URL": endpoint}
         self.state_dir = state_dir
+        # the host stage configures this machine: ports nothing else uses (the demo's are 8443, 21434)
+        self.agent_port = free_port()
         self.extra = [
             *("-e", f"llmfleet_deployment={DEPLOYMENT}", "-e", f"llmfleet_state_dir={state_dir}"),
-            # the host stage configures this machine: ports nothing else uses (the demo's are 8443, 21434)
-            *("-e", f"llmfleet_agent_port={free_port()}", "-e", f"llmfleet_agent_ollama_port={free_port()}"),
+            *("-e", f"llmfleet_agent_port={self.agent_port}"),
+            *("-e", f"llmfleet_agent_ollama_port={free_port()}"),
         ]
         self.runs: list[PlaybookRun] = []
 
@@ -98,7 +100,7 @@ def test_security_groups_are_least_privilege(deployment: Deployment, aws: Any) -
     assert [p["GroupId"] for p in rule["UserIdGroupPairs"]] == [agents["GroupId"]]
     assert rule["IpRanges"] == []
     (agent_rule,) = agents["IpPermissions"]  # no SSH: no CIDR was given for it
-    assert agent_rule["FromPort"] == agent_rule["ToPort"] == 8443
+    assert agent_rule["FromPort"] == agent_rule["ToPort"] == deployment.agent_port
     assert [r["CidrIp"] for r in agent_rule["IpRanges"]] == ["10.42.0.0/16"]
     for group in groups.values():
         for permission in group["IpPermissions"]:
@@ -202,7 +204,7 @@ class InstalledAgent:
 
 def test_host_stage_leaves_this_machine_ready_to_serve(deployment: Deployment, tmp_path: Path) -> None:
     agent = InstalledAgent(deployment.state_dir)
-    assert "Host stage" in deployment.runs[0].stdout
+    assert "PLAY [Configure the GPU hosts]" in deployment.runs[0].stdout
     for name in ("demo-operator", "demo-user"):
         assert (agent.keys / f"{name}.key").stat().st_mode & 0o777 == 0o600
         for run in deployment.runs:
