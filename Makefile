@@ -61,9 +61,12 @@ test-agent: venv
 	@echo "==> agent tests (CI=$${CI:-false})"
 	@cd agent && ../$(BIN)/pytest $(PYTEST_ARGS)
 
+# in COLLECTION_WORKERS processes (pytest-xdist), a test file to a worker: test_site.py (one deployment
+# taken through its life, about half of the suite's time) runs beside the others
+COLLECTION_WORKERS ?= 2
 test-collection: venv
-	@echo "==> collection tests: module unit tests, playbooks against the emulator"
-	@PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest tests $(PYTEST_ARGS)
+	@echo "==> collection tests: module unit tests, playbooks against the emulator ($(COLLECTION_WORKERS) workers)"
+	@PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest tests -n $(COLLECTION_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # the host roles on a real systemd (molecule, podman, a debootstrapped Debian image built once)
 test-roles: venv

@@ -7,11 +7,14 @@ The agent's own test helpers (agent/tests/agents.py, support.py) do the process 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
+import sqlite3
 import ssl
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -81,6 +84,23 @@ def https(
         return status, raw.decode(errors="replace")
 
 
+def store_path(handle: AgentHandle) -> Path:
+    """The agent's SQLite store (its config's store.url, sqlite:///<path>)."""
+    url = handle.config["store"]["url"]
+    assert url.startswith("sqlite:///"), url
+    return Path(url.removeprefix("sqlite:///"))
+
+
+def copy_sqlite(source: Path, target: Path) -> None:
+    """A consistent copy of a SQLite database (the backup API: WAL contents included)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with (
+        contextlib.closing(sqlite3.connect(source)) as src,
+        contextlib.closing(sqlite3.connect(target)) as dst,
+    ):
+        src.backup(dst)
+
+
 class Fleet:
     """Agents started in parallel under one directory, all with the same operator and user keys."""
 
@@ -89,6 +109,9 @@ class Fleet:
         self.operator_key = "llmf_" + secrets.token_urlsafe(32)
         self.user_key = "llmf_" + secrets.token_urlsafe(32)
         self.agents: dict[str, AgentHandle] = {}
+        # the store of the first agent, with the fleet's keys, copied for the others
+        self._template = directory / "keys-template.db"
+        self._template_lock = threading.Lock()
         # name -> the self-signed certificate of an agent that listens with TLS (its url is https://)
         self.certificates: dict[str, Path] = {}
 
@@ -102,14 +125,23 @@ class Fleet:
         if tls:
             handle.url = handle.url.replace("http://", "https://", 1)
             self.certificates[name] = cert
-        for role, secret in (("operator", self.operator_key), ("user", self.user_key)):
-            res = handle.cli(
-                "keys", "create", "--name", f"fleet-{role}", "--role", role, "--from-stdin", stdin=secret
-            )
-            assert res.returncode == 0, res.stderr
+        self._store_keys(handle)
         handle.keys.update(operator=self.operator_key, user=self.user_key)
         self.agents[name] = handle
         return handle
+
+    def _store_keys(self, handle: AgentHandle) -> None:
+        """The fleet's keys into the agent's store: made once with the agent's CLI (hashed, as on a host),
+        then a copy of that store for each further agent (a CLI run per key and agent costs seconds)."""
+        with self._template_lock:
+            if not self._template.exists():
+                for role, secret in (("operator", self.operator_key), ("user", self.user_key)):
+                    argv = ["keys", "create", "--name", f"fleet-{role}", "--role", role, "--from-stdin"]
+                    res = handle.cli(*argv, stdin=secret)
+                    assert res.returncode == 0, res.stderr
+                copy_sqlite(store_path(handle), self._template)
+                return
+        copy_sqlite(self._template, store_path(handle))
 
     def add_many(self, names: list[str], overrides: dict[str, Any] | None = None) -> None:
         """Add agents alike, their keys stored in parallel (a store is opened per key)."""
@@ -154,9 +186,10 @@ class Fleet:
         return body
 
     def stop(self) -> None:
-        for handle in self.agents.values():
-            if handle.proc is not None:
-                handle.proc.stop()
+        """Stop every agent, all at once (each stops its simulator first)."""
+        running = [h.proc for h in self.agents.values() if h.proc is not None]
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            list(pool.map(lambda proc: proc.stop(), running))
 
 
 @contextmanager

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -21,11 +23,54 @@ T = TypeVar("T")
 BIN = Path(sys.executable).parent
 
 
+def _ephemeral_low() -> int:
+    """The first port of the kernel's range for outgoing connections (Linux: 32768 unless changed)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _listen_ports() -> range:
+    """This test process's share of the ports for listening.
+
+    They come from below the ephemeral range: a port the kernel picks (bind to 0) can be handed out again
+    as soon as it is closed, or taken by an outgoing connection, before the server binds it. The agent's
+    tests and each pytest-xdist worker of the collection's tests run side by side in `make test`, so each
+    gets its own share: a port one of them picked is never picked by another before its server binds it.
+    """
+    low, high = 10000, min(_ephemeral_low(), 65536)
+    shares = 8
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    suite = 0 if Path.cwd().name == "agent" else 1
+    slot = (suite * shares // 2 + (int(worker) if worker.isdigit() else 0)) % shares
+    size = max((high - low) // shares, 0)
+    return range(low + slot * size, low + (slot + 1) * size)
+
+
+# never handed out: ports with a fixed use here (the demo's agent and Ollama, Ollama's default port);
+# molecule's scenarios use fixed ports below 10000
+_PORTS_GIVEN: set[int] = {8443, 11434, 21434}
+_PORTS_LOCK = threading.Lock()
+_LISTEN_PORTS = _listen_ports()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that was free a moment ago and that this process has not handed out before."""
+    with _PORTS_LOCK:
+        for _attempt in range(2000):
+            port = random.choice(_LISTEN_PORTS) if _LISTEN_PORTS else 0
+            if port in _PORTS_GIVEN:
+                continue
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                port = int(sock.getsockname()[1])
+            _PORTS_GIVEN.add(port)
+            return port
+    raise RuntimeError(f"no free TCP port on 127.0.0.1 in {_LISTEN_PORTS}")
 
 
 def wait_until(

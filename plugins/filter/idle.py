@@ -1,14 +1,22 @@
 # Copyright: llmfleet contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Filters for the reports of the idle sweep and of wake: idle_summary, idle_report and wake_line."""
+"""Filters of the idle sweep and of wake.
+
+The sweep (roles/idle_shutdown/tasks/sweep.yml) is: idle_sweep_plan (each running instance's agent URL,
+certificate and threshold, from its tags) -> llmfleet.aws.agent_idle_batch (every agent asked at once) ->
+one ec2_instance stop -> agent_idle_batch resume for a failed stop -> idle_outcomes (each host's fate) ->
+idle_summary (counts and savings) -> idle_report (the lines printed). wake_line is one line of wake's report.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from ansible.errors import AnsibleFilterError
+from ansible_collections.llmfleet.aws.plugins.filter.duration import duration_seconds
 
 # every outcome of a swept host, in the order the report lists them
 OUTCOMES = {
@@ -22,6 +30,123 @@ OUTCOMES = {
     "error": "kept, error",
 }
 HOURS_A_DAY = 24
+IDLE_AFTER_TAG = "llmfleet:idle-after"
+AGENT_URL_TAG = "llmfleet:agent-url"
+HOST_TAG = "llmfleet:host"
+
+
+def _host_plan(
+    instance: Mapping[str, Any], default_idle_after: Any, scheme: str, port: int, certs_dir: str, ca_path: str
+) -> dict[str, Any]:
+    instance_id = instance["instance_id"]
+    tags = instance.get("tags") or {}
+    url = tags.get(AGENT_URL_TAG) or f"{scheme}://{instance.get('private_ip_address') or ''}:{port}"
+    cert = Path(certs_dir, f"{instance_id}.crt") if certs_dir else None
+    host = {
+        "instance_id": instance_id,
+        "name": tags.get(HOST_TAG) or tags.get("Name") or instance_id,
+        "instance_type": instance.get("instance_type", ""),
+        "agent_url": url,
+        "ca_path": str(cert) if cert and cert.is_file() else ca_path,
+        "idle_after": None,
+        "error": "",
+    }
+    try:
+        host["idle_after"] = duration_seconds(
+            tags.get(IDLE_AFTER_TAG) or default_idle_after, f"tag {IDLE_AFTER_TAG} of {instance_id}"
+        )
+    except AnsibleFilterError as e:
+        host["error"] = str(e)
+    return host
+
+
+def idle_sweep_plan(
+    instances: Sequence[Mapping[str, Any]],
+    default_idle_after: Any = "30m",
+    scheme: str = "https",
+    port: int = 8443,
+    certs_dir: str = "",
+    ca_path: str = "",
+) -> dict[str, Any]:
+    """What the sweep asks of the running `instances` (ec2_instance_info's): `hosts`, one per instance with
+    its name, type, agent URL, certificate and threshold in seconds (None: always on) or the `error` of a bad
+    llmfleet:idle-after tag; and `agents`, the options of agent_idle_batch for the hosts without an error.
+
+    The agent URL is the tag llmfleet:agent-url, else <scheme>://<private address>:<port>; the certificate is
+    <certs_dir>/<instance id>.crt when it exists, else `ca_path`.
+    """
+    hosts = [_host_plan(i, default_idle_after, scheme, int(port), certs_dir, ca_path) for i in instances]
+    agents = []
+    for host in hosts:
+        if host["error"]:
+            continue
+        agent = {"id": host["instance_id"], "url": host["agent_url"], "drain_if_idle_for": host["idle_after"]}
+        if host["ca_path"]:
+            agent["ca_path"] = host["ca_path"]
+        agents.append(agent)
+    return {"hosts": hosts, "agents": agents}
+
+
+def _stop_failure(stops: Mapping[str, Any], resumed: Mapping[str, Any] | None) -> str:
+    why = f"stop failed: {stops.get('msg') or 'no answer'}; the agent "
+    if resumed is not None and resumed.get("answered") and not resumed.get("draining"):
+        return why + "was resumed"
+    return why + "could NOT be resumed: " + str((resumed or {}).get("msg") or "no answer")
+
+
+def _fate(host: Mapping[str, Any], asked: Mapping[str, Any] | None, stopped: bool, check_mode: bool) -> str:
+    if host["error"]:
+        return "error"
+    if asked is None or not asked.get("answered"):
+        return "unreachable" if asked is None or asked.get("agent_unreachable") else "error"
+    if asked.get("drained"):
+        return "stopped" if stopped else "stop_failed"
+    if host["idle_after"] is None:
+        return "always_on"
+    if check_mode and asked.get("would_drain"):
+        return "would_stop"
+    return "busy" if int(asked.get("inflight") or 0) > 0 else "not_idle"
+
+
+def idle_outcomes(
+    plan: Mapping[str, Any],
+    asked: Mapping[str, Any],
+    stops: Mapping[str, Any] | None = None,
+    resumed: Mapping[str, Any] | None = None,
+    check_mode: bool = False,
+) -> list[dict[str, Any]]:
+    """Each host's outcome, for idle_summary: `plan` is idle_sweep_plan's, `asked` agent_idle_batch's drain
+    result, `stops` ec2_instance's stop result (its stop_success), `resumed` agent_idle_batch's resume of the
+    hosts whose stop failed. A host that drained but is not in stop_success is stop_failed."""
+    by_id = {a["id"]: a for a in (asked or {}).get("agents", [])}
+    resumed_by_id = {a["id"]: a for a in (resumed or {}).get("agents", [])}
+    stopped_ids = set((stops or {}).get("stop_success") or [])
+    results = []
+    for host in plan["hosts"]:
+        answer = by_id.get(host["instance_id"])
+        outcome = _fate(host, answer, host["instance_id"] in stopped_ids, check_mode)
+        if outcome == "error" and host["error"]:
+            reason = host["error"]
+        elif outcome in ("unreachable", "error"):
+            reason = str((answer or {}).get("msg") or "no answer")
+        elif outcome == "stop_failed":
+            reason = _stop_failure(stops or {}, resumed_by_id.get(host["instance_id"]))
+        else:
+            reason = str(answer.get("reason") or "")
+        results.append(
+            {
+                "instance_id": host["instance_id"],
+                "name": host["name"],
+                "instance_type": host["instance_type"],
+                "agent_url": host["agent_url"],
+                "idle_after": host["idle_after"],
+                "idle_seconds": (answer or {}).get("idle_seconds"),
+                "inflight": (answer or {}).get("inflight"),
+                "outcome": outcome,
+                "reason": reason,
+            }
+        )
+    return results
 
 
 def idle_summary(
@@ -117,4 +242,10 @@ def wake_line(host: Mapping[str, Any]) -> str:
 
 class FilterModule:
     def filters(self) -> dict[str, Any]:
-        return {"idle_summary": idle_summary, "idle_report": idle_report, "wake_line": wake_line}
+        return {
+            "idle_sweep_plan": idle_sweep_plan,
+            "idle_outcomes": idle_outcomes,
+            "idle_summary": idle_summary,
+            "idle_report": idle_report,
+            "wake_line": wake_line,
+        }

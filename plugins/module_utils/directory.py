@@ -34,12 +34,30 @@ class DirectoryWaitError(Exception):
         self.directory = directory
 
 
-def _poll_settings(delay, sleep, clock):
-    return (
-        POLL_DELAY if delay is None else delay,
-        time.sleep if sleep is None else sleep,
-        time.monotonic if clock is None else clock,
-    )
+# what a settle function returns while the directory is not there yet
+_PENDING = object()
+
+
+def _poll(describe, directory_id, timeout, goal, settle, delay, sleep, clock):
+    """Poll describe(directory_id) until settle(description) returns something other than _PENDING, and
+    return that (settle raises to stop early). DirectoryWaitError after `timeout` seconds names `goal`."""
+    delay = POLL_DELAY if delay is None else delay
+    sleep = time.sleep if sleep is None else sleep
+    clock = time.monotonic if clock is None else clock
+    deadline = clock() + timeout
+    while True:
+        directory = describe(directory_id)
+        outcome = settle(directory)
+        if outcome is not _PENDING:
+            return outcome
+        remaining = deadline - clock()
+        if remaining <= 0:
+            raise DirectoryWaitError(
+                f"timed out after {timeout} seconds waiting for directory {directory_id} {goal};"
+                f" its last stage was {directory.get('Stage')}",
+                directory,
+            )
+        sleep(min(delay, remaining))
 
 
 def wait_until_active(describe, directory_id, timeout, delay=None, sleep=None, clock=None):
@@ -49,10 +67,8 @@ def wait_until_active(describe, directory_id, timeout, delay=None, sleep=None, c
     not Active after `timeout` seconds. `delay` defaults to POLL_DELAY; `sleep` and `clock` (time.sleep and
     time.monotonic by default) are injectable, so tests run instantly.
     """
-    delay, sleep, clock = _poll_settings(delay, sleep, clock)
-    deadline = clock() + timeout
-    while True:
-        directory = describe(directory_id)
+
+    def settle(directory):
         if directory is None:
             raise DirectoryWaitError(
                 f"directory {directory_id} disappeared while waiting for it to become Active"
@@ -63,14 +79,9 @@ def wait_until_active(describe, directory_id, timeout, delay=None, sleep=None, c
         if stage in FAILED_STAGES or stage in GONE_STAGES:
             reason = directory.get("StageReason") or "AWS gives no reason"
             raise DirectoryWaitError(f"directory {directory_id} is {stage}: {reason}", directory)
-        remaining = deadline - clock()
-        if remaining <= 0:
-            raise DirectoryWaitError(
-                f"timed out after {timeout} seconds waiting for directory {directory_id} to become Active;"
-                f" its last stage was {stage}",
-                directory,
-            )
-        sleep(min(delay, remaining))
+        return _PENDING
+
+    return _poll(describe, directory_id, timeout, "to become Active", settle, delay, sleep, clock)
 
 
 def wait_until_deleted(describe, directory_id, timeout, delay=None, sleep=None, clock=None):
@@ -78,20 +89,11 @@ def wait_until_deleted(describe, directory_id, timeout, delay=None, sleep=None, 
 
     Raises DirectoryWaitError when it is still there after `timeout` seconds.
     """
-    delay, sleep, clock = _poll_settings(delay, sleep, clock)
-    deadline = clock() + timeout
-    while True:
-        directory = describe(directory_id)
-        if directory is None or directory.get("Stage") == "Deleted":
-            return
-        remaining = deadline - clock()
-        if remaining <= 0:
-            raise DirectoryWaitError(
-                f"timed out after {timeout} seconds waiting for directory {directory_id} to be deleted;"
-                f" its last stage was {directory.get('Stage')}",
-                directory,
-            )
-        sleep(min(delay, remaining))
+
+    def settle(directory):
+        return None if directory is None or directory.get("Stage") == "Deleted" else _PENDING
+
+    _poll(describe, directory_id, timeout, "to be deleted", settle, delay, sleep, clock)
 
 
 @AWSRetry.jittered_backoff()

@@ -198,9 +198,9 @@ from ansible_collections.llmfleet.aws.plugins.module_utils.agent_api import (
     AgentClient,
     AgentError,
     AgentUnreachable,
-    Answer,
     base_url,
 )
+from ansible_collections.llmfleet.aws.plugins.module_utils.idle_ops import drain, report, resume
 
 
 def argument_spec() -> dict:
@@ -255,53 +255,13 @@ def check_params(module: AnsibleModule) -> str:
     return url
 
 
-def outcome(answer: Answer, **overrides) -> dict:
-    """The module's result for the figures of `answer`; what the call did goes in `overrides`."""
-    result = dict(
-        changed=False, drained=False, reason="", resumed=False, status=answer.status, agent_unreachable=False
-    )
-    result.update(answer.figures)
-    result.update(overrides)
-    return result
-
-
-def meets(figures: dict, threshold: float) -> bool:
-    """Whether the agent would drain: nothing in flight and idle at least `threshold` seconds."""
-    return figures["inflight"] == 0 and figures["idle_seconds"] >= threshold
-
-
-def drain(client: AgentClient, threshold: float, check_mode: bool) -> dict:
-    before = client.idle()
-    if check_mode:
-        would = meets(before.figures, threshold)
-        return outcome(before, changed=would and not before.figures["draining"], would_drain=would)
-    answer = client.drain(threshold)
-    drained = answer.status == 200
-    return outcome(
-        answer,
-        changed=drained and not before.figures["draining"],
-        drained=drained,
-        would_drain=drained,
-        reason="" if drained else answer.error,
-    )
-
-
-def resume(client: AgentClient, check_mode: bool) -> dict:
-    before = client.idle()
-    if not before.figures["draining"]:
-        return outcome(before)  # a resume would only restart the agent's idle time
-    if check_mode:
-        return outcome(before, changed=True)
-    return outcome(client.resume(), changed=True, resumed=True)
-
-
 def run(module: AnsibleModule, client: AgentClient) -> dict:
     params = module.params
     if params["drain_if_idle_for"] is not None:
         return drain(client, params["drain_if_idle_for"], module.check_mode)
     if params["resume"]:
         return resume(client, module.check_mode)
-    return outcome(client.idle())
+    return report(client)
 
 
 def main() -> None:

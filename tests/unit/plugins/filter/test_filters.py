@@ -1,11 +1,17 @@
-"""The idle sweep's filters: thresholds from tags, the summary and its lines."""
+"""The idle sweep's filters: thresholds from tags, the plan, each host's outcome, the summary, its lines."""
 
 from __future__ import annotations
 
 import pytest
 from ansible.errors import AnsibleFilterError
 from ansible_collections.llmfleet.aws.plugins.filter.duration import duration_seconds
-from ansible_collections.llmfleet.aws.plugins.filter.idle import idle_report, idle_summary, wake_line
+from ansible_collections.llmfleet.aws.plugins.filter.idle import (
+    idle_outcomes,
+    idle_report,
+    idle_summary,
+    idle_sweep_plan,
+    wake_line,
+)
 
 PRICES = {"g5.xlarge": {"usd_per_hour": 1.006, "gpus": 1}, "g5.12xlarge": {"usd_per_hour": 5.672, "gpus": 4}}
 
@@ -97,3 +103,123 @@ def test_wake_lines() -> None:
     assert wake_line(woken) == "  ready after 41.2s  a (i-a, was stopped)"
     late = {**woken, "ready": False, "reason": "models missing"}
     assert wake_line(late).startswith("  NOT ready after") and late["reason"] in wake_line(late)
+
+
+# --- the plan and the outcomes ---------------------------------------------------------------------------
+
+
+def instance(iid: str, tags: dict[str, str], ip: str = "10.0.1.5") -> dict[str, object]:
+    """An instance as amazon.aws.ec2_instance_info returns it (the fields the sweep reads)."""
+    return {"instance_id": iid, "instance_type": "g5.xlarge", "private_ip_address": ip, "tags": tags}
+
+
+def test_the_plan_takes_url_threshold_and_certificate_from_tags_and_files(tmp_path) -> None:
+    (tmp_path / "i-2.crt").write_text("a certificate")
+    instances = [
+        instance("i-1", {"llmfleet:host": "gpu-a", "llmfleet:idle-after": "1h"}),
+        instance("i-2", {"Name": "dep-gpu-b", "llmfleet:agent-url": "http://127.0.0.1:9000"}),
+        instance("i-3", {"llmfleet:idle-after": "never"}),
+        instance("i-4", {"llmfleet:idle-after": "soon"}),
+    ]
+    plan = idle_sweep_plan(
+        instances, "30m", scheme="https", port=8443, certs_dir=str(tmp_path), ca_path="/ca.pem"
+    )
+
+    hosts = {h["instance_id"]: h for h in plan["hosts"]}
+    assert [h["name"] for h in plan["hosts"]] == ["gpu-a", "dep-gpu-b", "i-3", "i-4"]
+    assert hosts["i-1"]["agent_url"] == "https://10.0.1.5:8443" and hosts["i-1"]["idle_after"] == 3600
+    assert hosts["i-1"]["ca_path"] == "/ca.pem"  # no i-1.crt: the common CA
+    assert hosts["i-2"]["agent_url"] == "http://127.0.0.1:9000" and hosts["i-2"]["idle_after"] == 1800
+    assert hosts["i-2"]["ca_path"] == str(tmp_path / "i-2.crt")
+    assert hosts["i-3"]["idle_after"] is None and hosts["i-3"]["error"] == ""
+    assert "tag llmfleet:idle-after of i-4" in hosts["i-4"]["error"] and "'soon'" in hosts["i-4"]["error"]
+    # the module's options: every host but the one with a bad tag; always-on only reports
+    assert plan["agents"] == [
+        {"id": "i-1", "url": "https://10.0.1.5:8443", "drain_if_idle_for": 3600, "ca_path": "/ca.pem"},
+        {
+            "id": "i-2",
+            "url": "http://127.0.0.1:9000",
+            "drain_if_idle_for": 1800,
+            "ca_path": str(tmp_path / "i-2.crt"),
+        },
+        {"id": "i-3", "url": "https://10.0.1.5:8443", "drain_if_idle_for": None, "ca_path": "/ca.pem"},
+    ]
+
+
+def answer(iid: str, **figures: object) -> dict[str, object]:
+    """One agent's entry in agent_idle_batch's result."""
+    base = {"id": iid, "answered": True, "agent_unreachable": False, "idle_seconds": 100.0, "inflight": 0}
+    return {**base, "drained": False, "reason": "", **figures}
+
+
+def test_outcomes_of_every_kind() -> None:
+    tags = {"llmfleet:idle-after": "60"}
+    plan = idle_sweep_plan(
+        [
+            instance("i-stop", tags),
+            instance("i-fail", tags),
+            instance("i-busy", tags),
+            instance("i-young", tags),
+            instance("i-on", {"llmfleet:idle-after": "never"}),
+            instance("i-down", tags),
+            instance("i-key", tags),
+            instance("i-tag", {"llmfleet:idle-after": "soon"}),
+        ]
+    )
+    asked = {
+        "agents": [
+            answer("i-stop", drained=True),
+            answer("i-fail", drained=True),
+            answer("i-busy", inflight=2, reason="not drained: 2 request(s) in flight"),
+            answer("i-young", idle_seconds=5.0, reason="not drained: idle for 5.0s, less than 60s"),
+            answer("i-on", idle_seconds=9000.0),
+            {"id": "i-down", "answered": False, "agent_unreachable": True, "msg": "cannot reach: refused"},
+            {"id": "i-key", "answered": False, "agent_unreachable": False, "msg": "refused the operator key"},
+        ]
+    }
+    stops = {"stop_success": ["i-stop"], "msg": "OperationNotPermitted"}
+    resumed = {"agents": [{"id": "i-fail", "answered": True, "draining": False, "resumed": True}]}
+
+    got = {r["instance_id"]: r for r in idle_outcomes(plan, asked, stops, resumed)}
+
+    assert {i: r["outcome"] for i, r in got.items()} == {
+        "i-stop": "stopped",
+        "i-fail": "stop_failed",
+        "i-busy": "busy",
+        "i-young": "not_idle",
+        "i-on": "always_on",
+        "i-down": "unreachable",
+        "i-key": "error",
+        "i-tag": "error",
+    }
+    assert got["i-fail"]["reason"] == "stop failed: OperationNotPermitted; the agent was resumed"
+    assert got["i-young"]["reason"] == "not drained: idle for 5.0s, less than 60s"
+    assert got["i-down"]["reason"] == "cannot reach: refused" and got["i-down"]["idle_seconds"] is None
+    assert got["i-key"]["reason"] == "refused the operator key"
+    assert "tag llmfleet:idle-after of i-tag" in got["i-tag"]["reason"]
+    assert (got["i-on"]["idle_after"], got["i-busy"]["inflight"]) == (None, 2)
+    # the records idle_summary takes
+    assert idle_summary(list(got.values()), PRICES)["counts"]["stopped"] == 1
+
+
+def test_a_failed_stop_whose_resume_failed_says_so() -> None:
+    plan = idle_sweep_plan([instance("i-1", {"llmfleet:idle-after": "0"})])
+    asked = {"agents": [answer("i-1", drained=True)]}
+    resumed = {"agents": [{"id": "i-1", "answered": False, "msg": "cannot reach the agent: timed out"}]}
+
+    (result,) = idle_outcomes(plan, asked, {"msg": "throttled"}, resumed)
+
+    assert result["outcome"] == "stop_failed"
+    assert (
+        result["reason"]
+        == "stop failed: throttled; the agent could NOT be resumed: cannot reach the agent: timed out"
+    )
+
+
+def test_a_dry_run_says_would_stop_only_for_hosts_that_would_drain() -> None:
+    plan = idle_sweep_plan([instance("i-1", {}), instance("i-2", {})], "60")
+    asked = {"agents": [answer("i-1", would_drain=True), answer("i-2", would_drain=False, idle_seconds=3.0)]}
+
+    results = idle_outcomes(plan, asked, {}, {}, check_mode=True)
+
+    assert [r["outcome"] for r in results] == ["would_stop", "not_idle"]

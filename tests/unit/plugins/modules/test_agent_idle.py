@@ -13,22 +13,18 @@ proves it (and its module_utils) loads through AnsiballZ.
 
 import json
 import math
-import os
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
+import module_runs
 import pytest
 from agent_fleet import Fleet, fleet, free_port, wait_until
-from ansible.module_utils import basic
-from ansible.module_utils.testing import patch_module_args
 from ansible_collections.llmfleet.aws.plugins.module_utils import agent_api
 from ansible_collections.llmfleet.aws.plugins.modules import agent_idle
+from module_runs import ansible_json, ansible_module
 from support import Stream  # agent/tests/support.py, on sys.path through agent_fleet
 
 REPO = Path(__file__).resolve().parents[4]
@@ -37,48 +33,14 @@ MODEL = "tinyllama:latest"
 FIGURES = ("idle_seconds", "inflight", "last_activity", "draining")
 
 
-class Exited(Exception):
-    """AnsibleModule.exit_json was called."""
-
-    def __init__(self, result: dict[str, Any]) -> None:
-        super().__init__(result)
-        self.result = result
-
-
-class Failed(Exception):
-    """AnsibleModule.fail_json was called."""
-
-    def __init__(self, result: dict[str, Any]) -> None:
-        super().__init__(result.get("msg"))
-        self.result = result
-
-
-def _exit_json(module: basic.AnsibleModule, **kwargs: Any) -> None:
-    raise Exited(kwargs)
-
-
-def _fail_json(module: basic.AnsibleModule, msg: str, **kwargs: Any) -> None:
-    raise Failed(dict(msg=msg, failed=True, **kwargs))
-
-
 def run_module(args: dict[str, Any], check: bool = False) -> dict[str, Any]:
-    """Run agent_idle's main() in-process; its result, or Failed with the failure's."""
-    module_args = dict(args, _ansible_check_mode=check)
-    with (
-        patch_module_args(module_args),
-        mock.patch.object(basic.AnsibleModule, "exit_json", _exit_json),
-        mock.patch.object(basic.AnsibleModule, "fail_json", _fail_json),
-        pytest.raises(Exited) as exited,
-    ):
-        agent_idle.main()
-    return exited.value.result
+    """Run agent_idle in-process; its result, or Failed with the failure's."""
+    return module_runs.run_module(agent_idle.main, args, check)
 
 
 def fail_module(args: dict[str, Any], check: bool = False) -> dict[str, Any]:
     """Run the module, which must fail; the failure's result."""
-    with pytest.raises(Failed) as failed:
-        run_module(args, check)
-    return failed.value.result
+    return module_runs.fail_module(agent_idle.main, args, check)
 
 
 def chat(agents: Fleet, name: str) -> int:
@@ -354,27 +316,9 @@ def test_tls_without_validation(agents: Fleet) -> None:
 # --- through Ansible ---------------------------------------------------------------------------------
 
 
-def ansible_json(command: list[str], key: str = "") -> tuple[int, dict[str, Any], str]:
-    """Run an Ansible CLI with the json callback, LLMFLEET_OPERATOR_KEY=key: (rc, report, output)."""
-    env = {
-        **os.environ,
-        "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
-        "ANSIBLE_LOAD_CALLBACK_PLUGINS": "1",
-        "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.json",
-        "LLMFLEET_OPERATOR_KEY": key,
-    }
-    argv = [str(Path(sys.executable).parent / command[0]), *command[1:]]
-    argv += ["-i", "localhost,", "-c", "local", "-e", f"ansible_python_interpreter={sys.executable}"]
-    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False)
-    output = proc.stdout + proc.stderr
-    return proc.returncode, json.loads(proc.stdout[proc.stdout.index("{") :]), output
-
-
 def ansible(args: dict[str, Any], key: str) -> tuple[int, dict[str, Any], str]:
     """The module as an ad hoc command (the key from the environment): (rc, result, output)."""
-    command = ["ansible", "localhost", "-m", "llmfleet.aws.agent_idle", "-a", json.dumps(args)]
-    rc, report, output = ansible_json(command, key)
-    return rc, report["plays"][0]["tasks"][0]["hosts"]["localhost"], output
+    return ansible_module("llmfleet.aws.agent_idle", args, key)
 
 
 def test_through_the_ansible_cli(plain: Fleet) -> None:
