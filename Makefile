@@ -51,10 +51,12 @@ format: venv
 	@$(BIN)/ruff format $(PY_DIRS)
 	@$(BIN)/ruff check --fix $(PY_DIRS)
 
-# the agent's tests first and alone (some wait on sub-second deadlines); then the playbook tests, the
-# molecule scenarios (mostly waiting on containers) and sanity two at a time, their output interleaved
-# as it comes (each part starts with a ==> line; pytest -ra and molecule end with their own summaries)
-test: lint test-agent
+# the agent's tests first, beside the linters only (some wait on sub-second deadlines: one core each);
+# then the playbook tests, the molecule scenarios (mostly waiting on containers) and sanity two at a time,
+# their output interleaved as it comes (each part starts with a ==> line; pytest -ra and molecule end with
+# their own summaries)
+test: venv
+	@$(MAKE) --no-print-directory -j2 lint test-agent
 	@$(MAKE) --no-print-directory -j2 test-collection test-roles sanity
 
 test-agent: venv
@@ -66,7 +68,7 @@ test-agent: venv
 COLLECTION_WORKERS ?= 2
 test-collection: venv
 	@echo "==> collection tests: module unit tests, playbooks against the emulator ($(COLLECTION_WORKERS) workers)"
-	@PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest tests -n $(COLLECTION_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	@PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest tests -n $(COLLECTION_WORKERS) --dist loadfile --durations=8 $(PYTEST_ARGS)
 
 # the host roles on a real systemd (molecule, podman, a debootstrapped Debian image built once)
 test-roles: venv

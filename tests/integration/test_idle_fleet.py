@@ -1,5 +1,12 @@
-"""The race between "it looks idle" and "stop it": clients send requests at random moments to hosts
-while the idle sweep runs over and over, and a stopped host really dies.
+"""Fifty emulated GPU hosts, each with a real agent (one fleet, started once for the file): one sweep over
+all of them (its duration is printed at the end of the run, section "figures"; docs/performance.md has the
+figure), then the race between "it looks idle" and "stop it".
+
+The scale test: half the hosts are idle past a zero threshold (stopped), half have an hour to go (kept);
+the sweep completes and decides every host.
+
+The race: clients send requests at random moments to the hosts while the idle sweep runs over and over,
+and a stopped host really goes away.
 
 A watcher polls the emulator; the moment it sees an instance stopping or stopped it takes the host out of
 the clients' choice, lets the requests the clients already sent end, and freezes the agent and its
@@ -22,19 +29,19 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 from agent_fleet import Fleet, fleet, wait_until
-from idle_support import Deployment
+from idle_support import Deployment, outcomes
 
 pytestmark = pytest.mark.slow
 
-HOSTS = 20
-SWEEPS = 10  # a sweep decides for every host at once: HOSTS * SWEEPS = 200 host sweeps
+HOSTS = 50
+SWEEPS = 4  # a sweep decides for every host at once: HOSTS * SWEEPS = 200 host sweeps
 CLIENTS = 3
 # seconds: a host gets a request every second or two, so a few hosts drain in each sweep while requests
 # keep arriving at the others (and at the drained ones, until their instance is seen stopped)
@@ -161,27 +168,70 @@ def bring_back(world: World, dep: Deployment, agents: Fleet, names: list[str]) -
             world.up[name] = True
 
 
-@pytest.fixture
-def race(tmp_path: Path, aws: Any, aws_endpoint: str) -> Iterator[tuple[World, Deployment, Fleet]]:
-    with fleet(tmp_path / "agents") as made:
-        names = [f"h{i:02d}" for i in range(HOSTS)]
-        made.add_many(names, SIM)
+@pytest.fixture(scope="module")
+def fifty(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    with fleet(tmp_path_factory.mktemp("agents")) as made:
+        made.add_many([f"h{i:02d}" for i in range(HOSTS)], SIM)
         made.start()
-        dep = Deployment("idle-race", aws, aws_endpoint, tmp_path / "state", made.operator_key)
-        for name in names:
-            dep.launch(name, made.agents[name].url, IDLE_AFTER)
-        world = World(
-            {n: made.agents[n].url for n in names}, dict.fromkeys(names, True), dict.fromkeys(names, 0)
-        )
         try:
-            yield world, dep, made
+            yield made
         finally:
-            world.stop.set()
             # a test that failed may leave agents frozen: they must take the fleet's SIGTERM
             for handle in made.agents.values():
                 if handle.proc is not None:
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(handle.proc.pid, signal.SIGCONT)
+
+
+def resume_all(agents: Fleet) -> None:
+    for name in agents.agents:
+        code, body = agents.request(name, "POST", "/agent/resume", key=agents.operator_key)
+        assert code == 200, body
+
+
+def test_a_sweep_over_fifty_hosts_decides_every_one(
+    fifty: Fleet,
+    aws: Any,
+    aws_endpoint: str,
+    tmp_path: Path,
+    record_property: Callable[[str, object], None],
+) -> None:
+    dep = Deployment("idle-fifty", aws, aws_endpoint, tmp_path / "state", fifty.operator_key)
+    for i, (name, agent) in enumerate(sorted(fifty.agents.items())):
+        dep.launch(name, agent.url, "0" if i % 2 == 0 else "1h")
+
+    started = time.monotonic()
+    _run, summary = dep.sweep()
+    took = time.monotonic() - started
+
+    record_property("figure", f"idle sweep over {HOSTS} hosts with agents: {took:.1f} s")
+    expected = {name: "stopped" if i % 2 == 0 else "not_idle" for i, name in enumerate(sorted(fifty.agents))}
+    assert outcomes(summary) == expected
+    states = dep.states()
+    assert all(states[n] in ("stopping", "stopped") for n, o in expected.items() if o == "stopped")
+    assert all(states[n] == "running" for n, o in expected.items() if o == "not_idle")
+    assert summary["savings"]["instances"] == HOSTS // 2
+    # the agents of the stopped hosts are draining, the others not
+    draining = {n: fifty.idle(n)["draining"] for n in expected}
+    assert draining == {n: o == "stopped" for n, o in expected.items()}
+
+
+@pytest.fixture
+def race(
+    fifty: Fleet, tmp_path: Path, aws: Any, aws_endpoint: str
+) -> Iterator[tuple[World, Deployment, Fleet]]:
+    """The fleet, every agent resumed, behind the instances of a deployment of its own."""
+    resume_all(fifty)
+    names = sorted(fifty.agents)
+    dep = Deployment("idle-race", aws, aws_endpoint, tmp_path / "state", fifty.operator_key)
+    for name in names:
+        dep.launch(name, fifty.agents[name].url, IDLE_AFTER)
+    urls = {n: fifty.agents[n].url for n in names}
+    world = World(urls, dict.fromkeys(names, True), dict.fromkeys(names, 0))
+    try:
+        yield world, dep, fifty
+    finally:
+        world.stop.set()
 
 
 def test_sweeps_in_a_loop_never_cut_off_a_request(race: tuple[World, Deployment, Fleet]) -> None:
