@@ -18,9 +18,11 @@ import http.client
 import json
 import socket
 import ssl
+from pathlib import Path
 from urllib.error import HTTPError, URLError
 from urllib.parse import urlsplit
 
+from ansible.module_utils.basic import env_fallback
 from ansible.module_utils.urls import ConnectionError as UrlsConnectionError
 from ansible.module_utils.urls import open_url
 
@@ -84,6 +86,33 @@ def base_url(url: str) -> str:
     if parts.query or parts.fragment:
         raise ValueError(f"url must not have a query or fragment; got {url!r}")
     return text.rstrip("/")
+
+
+def connection_argument_spec() -> dict:
+    """The options of every module that asks agents: the operator key (else LLMFLEET_OPERATOR_KEY), TLS
+    verification with an optional CA file, and the seconds per request."""
+    return dict(
+        operator_key=dict(
+            type="str", required=True, no_log=True, fallback=(env_fallback, ["LLMFLEET_OPERATOR_KEY"])
+        ),
+        validate_certs=dict(type="bool", default=True),
+        ca_path=dict(type="path"),
+        timeout=dict(type="float", default=10.0),
+    )
+
+
+def connection_problems(params: dict) -> list[str]:
+    """What is wrong with the options of connection_argument_spec that the spec cannot check, each naming
+    the option and its value; empty when nothing is."""
+    problems = []
+    if not params["operator_key"]:
+        problems.append("operator_key is empty: set it, or the environment variable LLMFLEET_OPERATOR_KEY")
+    if not params["timeout"] > 0:
+        problems.append(f"timeout must be more than 0 seconds; got {params['timeout']!r}")
+    ca_path = params["ca_path"]
+    if ca_path and params["validate_certs"] and not Path(ca_path).is_file():
+        problems.append(f"ca_path {ca_path} is not a file")
+    return problems
 
 
 def describe_failure(exc: BaseException, timeout: float) -> str:

@@ -191,14 +191,14 @@ url:
   sample: https://10.0.1.5:8443
 """
 
-from pathlib import Path
-
-from ansible.module_utils.basic import AnsibleModule, env_fallback
+from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.llmfleet.aws.plugins.module_utils.agent_api import (
     AgentClient,
     AgentError,
     AgentUnreachable,
     base_url,
+    connection_argument_spec,
+    connection_problems,
 )
 from ansible_collections.llmfleet.aws.plugins.module_utils.idle_ops import drain, report, resume
 
@@ -206,12 +206,7 @@ from ansible_collections.llmfleet.aws.plugins.module_utils.idle_ops import drain
 def argument_spec() -> dict:
     return dict(
         url=dict(type="str", required=True),
-        operator_key=dict(
-            type="str", required=True, no_log=True, fallback=(env_fallback, ["LLMFLEET_OPERATOR_KEY"])
-        ),
-        validate_certs=dict(type="bool", default=True),
-        ca_path=dict(type="path"),
-        timeout=dict(type="float", default=10.0),
+        **connection_argument_spec(),
         drain_if_idle_for=dict(type="float"),
         resume=dict(type="bool", default=False),
     )
@@ -224,12 +219,8 @@ def check_params(module: AnsibleModule) -> str:
         url = base_url(params["url"])
     except ValueError as e:
         module.fail_json(msg=str(e), agent_unreachable=False)
-    if not params["operator_key"]:
-        module.fail_json(
-            msg="operator_key is empty: set it, or the environment variable LLMFLEET_OPERATOR_KEY",
-            agent_unreachable=False,
-            url=url,
-        )
+    for problem in connection_problems(params):
+        module.fail_json(msg=problem, agent_unreachable=False, url=url)
     threshold = params["drain_if_idle_for"]
     if threshold is not None and not threshold >= 0:  # NaN too
         module.fail_json(
@@ -243,15 +234,6 @@ def check_params(module: AnsibleModule) -> str:
             agent_unreachable=False,
             url=url,
         )
-    if not params["timeout"] > 0:
-        module.fail_json(
-            msg=f"timeout must be more than 0 seconds; got {params['timeout']!r}",
-            agent_unreachable=False,
-            url=url,
-        )
-    ca_path = params["ca_path"]
-    if ca_path and params["validate_certs"] and not Path(ca_path).is_file():
-        module.fail_json(msg=f"ca_path {ca_path} is not a file", agent_unreachable=False, url=url)
     return url
 
 

@@ -211,14 +211,15 @@ drained:
 """
 
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-from ansible.module_utils.basic import AnsibleModule, env_fallback
+from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.llmfleet.aws.plugins.module_utils.agent_api import (
     AgentClient,
     AgentError,
     AgentUnreachable,
     base_url,
+    connection_argument_spec,
+    connection_problems,
 )
 from ansible_collections.llmfleet.aws.plugins.module_utils.idle_ops import drain, report, resume
 
@@ -236,12 +237,7 @@ def argument_spec() -> dict:
                 ca_path=dict(type="path"),
             ),
         ),
-        operator_key=dict(
-            type="str", required=True, no_log=True, fallback=(env_fallback, ["LLMFLEET_OPERATOR_KEY"])
-        ),
-        validate_certs=dict(type="bool", default=True),
-        ca_path=dict(type="path"),
-        timeout=dict(type="float", default=10.0),
+        **connection_argument_spec(),
         concurrency=dict(type="int", default=32),
         resume=dict(type="bool", default=False),
     )
@@ -250,16 +246,10 @@ def argument_spec() -> dict:
 def check_params(module: AnsibleModule) -> None:
     """Fail, naming the option and its value, for what the argument spec cannot check."""
     params = module.params
-    if not params["operator_key"]:
-        module.fail_json(
-            msg="operator_key is empty: set it, or the environment variable LLMFLEET_OPERATOR_KEY"
-        )
-    if not params["timeout"] > 0:
-        module.fail_json(msg=f"timeout must be more than 0 seconds; got {params['timeout']!r}")
+    for problem in connection_problems(params):
+        module.fail_json(msg=problem)
     if params["concurrency"] < 1:
         module.fail_json(msg=f"concurrency must be at least 1; got {params['concurrency']!r}")
-    if params["ca_path"] and params["validate_certs"] and not Path(params["ca_path"]).is_file():
-        module.fail_json(msg=f"ca_path {params['ca_path']} is not a file")
     seen: set[str] = set()
     for agent in params["agents"]:
         if agent["id"] in seen:
