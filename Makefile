@@ -100,4 +100,4 @@ emulator-stop:
 	@$(BIN)/python scripts/emulator.py stop --port $(EMULATOR_PORT)
 
 clean:
-	rm -rf $(VENV) .pytest_cache agent/.pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache agent/.pytest_cache agent/.hypothesis .ruff_cache

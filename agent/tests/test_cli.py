@@ -95,3 +95,20 @@ def test_unreadable_certificate_is_a_config_error(make_agent, tmp_path: Path) ->
     agent: AgentHandle = make_agent({"listen": {"tls": {"cert": str(tmp_path / "no.crt"), "key": "/no.key"}}})
     res = agent.cli("check-config")
     assert res.returncode == 2 and "listen.tls" in res.stderr
+
+
+def test_private_key_readable_by_others_is_refused(make_agent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cert, key = _self_signed(tmp_path)
+    agent: AgentHandle = make_agent({"listen": {"tls": {"cert": str(cert), "key": str(key)}}})
+    key.chmod(0o644)
+    serve = subprocess.run(
+        [AGENT, "serve", "--config", str(agent.config_path)], capture_output=True, text=True, timeout=30
+    )
+    for res in (agent.cli("check-config"), serve):
+        assert res.returncode == 2, res.stderr
+        for named in ("listen.tls.key", str(key), "0644", f"chmod 600 {key}"):
+            assert named in res.stderr
+        assert "Traceback" not in res.stderr
+    key.chmod(0o640)  # group-readable (root:llmfleet, say) is allowed
+    ok = agent.cli("check-config")
+    assert ok.returncode == 0, ok.stderr

@@ -67,6 +67,15 @@ def test_bad_values_name_the_key(data: dict, named: str) -> None:
     assert named in str(err.value)
 
 
+def test_retention_is_a_duration_or_null() -> None:
+    defaults = parse_config({}).store
+    assert (defaults.audit_retention, defaults.usage_retention) == (90 * 86400, 400 * 86400)
+    cfg = parse_config({"store": {"audit_retention": "2w", "usage_retention": None}}).store
+    assert (cfg.audit_retention, cfg.usage_retention) == (14 * 86400, None)
+    with pytest.raises(ConfigError, match=r"store\.usage_retention: .*not a duration"):
+        parse_config({"store": {"usage_retention": "a year"}})
+
+
 def test_durations() -> None:
     assert parse_duration("30d") == 30 * 86400
     assert parse_duration("15m") == 900

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sqlite3
+import struct
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -200,3 +203,118 @@ def test_first_chunk_is_not_held_back(slow_agent: AgentHandle) -> None:
     assert done.wait(10)
     # 40 tokens 0.05 s apart: the lines arrived spread over the generation, not in one lump at the end
     assert got[-1] - got[0] > 1.0
+
+
+# ----- faults never lose a record -----------------------------------------------------------------------
+class Call(threading.Thread):
+    """One request in a thread: (status, body, headers) when it ends."""
+
+    def __init__(self, url: str, body: dict[str, Any], key: str, path: str = "/api/chat") -> None:
+        super().__init__(daemon=True)
+        self.args_ = (url + path, body, {"Authorization": f"Bearer {key}"})
+        self.result: tuple[int, Any, Any] | None = None
+        self.start()
+
+    def run(self) -> None:
+        self.result = http("POST", *self.args_, timeout=30)
+
+    def outcome(self, timeout: float = 20) -> tuple[int, Any, Any]:
+        self.join(timeout)
+        assert self.result is not None, "the request did not end"
+        return self.result
+
+
+def inflight(agent: AgentHandle) -> int:
+    return int(agent.get("/agent/idle", agent.key("operator"))[1]["inflight"])
+
+
+def record_of(agent: AgentHandle, request_id: str) -> dict[str, Any]:
+    def find() -> dict[str, Any] | None:
+        return next((r for r in usage_rows(agent) if r["request_id"] == request_id), None)
+
+    return wait_until(find, 5, f"the record of request {request_id}")
+
+
+def test_ollama_killed_during_a_non_streamed_request(slow_agent: AgentHandle) -> None:
+    key = slow_agent.key("user")
+    pid = slow_agent.ollama()["pid"]
+    call = Call(slow_agent.url, chat(stream=False), key)
+    wait_until(lambda: inflight(slow_agent) == 1, 5, "the request to be in flight")
+    os.kill(pid, signal.SIGKILL)
+    code, body, headers = call.outcome()
+    assert code == 502 and "ollama failed before answering" in body["error"], body
+    record = record_of(slow_agent, headers["X-Request-Id"])
+    assert (
+        record["status"] == 502 and record["error"] == body["error"] and record["model"] == "tinyllama:latest"
+    )
+
+
+def test_ollama_frozen_during_a_non_streamed_request(make_agent) -> None:  # type: ignore[no-untyped-def]
+    agent: AgentHandle = make_agent({**SLOW, "proxy": {"read_timeout": 1}})
+    agent.start().wait_ready()
+    pid = agent.ollama()["pid"]
+    call = Call(agent.url, chat(stream=False), agent.key("user"))
+    wait_until(lambda: inflight(agent) == 1, 5, "the request to be in flight")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        code, body, headers = call.outcome()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert code == 504 and "did not answer within 1s" in body["error"], body
+    assert record_of(agent, headers["X-Request-Id"])["status"] == 504
+
+
+def test_clients_that_go_away_are_499_never_ollamas_fault(make_agent) -> None:  # type: ignore[no-untyped-def]
+    """Writing to a client that reset its connection fails in aiohttp with an error of the same family as
+    reading from Ollama: each must be told apart, and neither is an unhandled error."""
+    agent: AgentHandle = make_agent({"ollama": {"env": {"LLMFLEET_SIM_TOKEN_DELAY": "0"}}})
+    agent.start().wait_ready()
+    key = agent.key("user")
+    port = agent.config["listen"]["port"]
+    payload = json.dumps(chat(words=" ".join(f"w{i}" for i in range(4000)))).encode()
+    for i in range(24):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        head = (
+            f"POST /api/chat HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+        )
+        sock.sendall(head.encode() + payload)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        # leave at once, while the agent is writing the stream: half with a reset, half with a FIN (then
+        # the transport is closing before aiohttp learns the connection is lost, and a write fails)
+        if i % 2:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+    wait_until(lambda: len(usage_rows(agent)) >= 24, 10, "a record for each request")
+    wait_until(lambda: inflight(agent) == 0, 10, "nothing in flight")
+    rows = usage_rows(agent)
+    assert [(r["status"], r["error"]) for r in rows] == [(499, "client disconnected")] * 24
+    log = agent.log()
+    assert "Traceback" not in log and "unhandled error" not in log and "mid-answer" not in log
+
+
+def test_sigterm_gives_one_grace_then_ends_streams_with_their_own_error(make_agent) -> None:  # type: ignore[no-untyped-def]
+    grace = 2.0
+    agent: AgentHandle = make_agent({**SLOW, "listen": {"shutdown_timeout": grace}})
+    agent.start().wait_ready()
+    key = agent.key("user")
+    long = Stream(agent.url, "/api/chat", chat(words=" ".join(f"w{i}" for i in range(400))), key)
+    short = Stream(agent.url, "/api/chat", chat(words="one two three four five six seven eight"), key)
+    long_lines, short_lines = long.lines(), short.lines()
+    next(long_lines), next(short_lines)
+    assert agent.proc is not None
+    stopped_at = time.monotonic()
+    agent.proc.signal(signal.SIGTERM)
+    short_rest = list(short_lines)
+    assert json.loads(short_rest[-1])["done"] is True  # finished within the grace: whole
+    long_rest = list(long_lines)
+    assert json.loads(long_rest[-1]) == {"error": "agent shutting down"}
+    assert agent.proc.wait(timeout=20) == 0
+    took = time.monotonic() - stopped_at
+    assert grace <= took < 2 * grace, took  # one grace, not two
+    rows = {r["request_id"]: r for r in usage_rows(agent)}
+    cut = rows[long.headers["X-Request-Id"]]
+    assert (cut["status"], cut["error"]) == (503, "agent shutting down")
+    assert rows[short.headers["X-Request-Id"]]["status"] == 200
+    log = agent.log()
+    assert "Traceback" not in log and "cutting 1 request(s)" in log

@@ -170,3 +170,39 @@ def test_admin_actions_are_audited(ready_agent: AgentHandle) -> None:
     wait_until(seen, 10, "the model pull and delete to be audited")
     assert any(e == "drain" and d["drained"] is False for e, _, d in audit())
     assert any(e == "resume" for e, _, _ in audit())
+
+
+def model_labels(agent: AgentHandle) -> set[str]:
+    text = agent.get("/metrics", agent.key("operator"))[1]
+    return {
+        sample.labels["model"]
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if "model" in sample.labels
+    }
+
+
+def test_metric_labels_and_recorded_names_are_bounded(make_agent) -> None:  # type: ignore[no-untyped-def]
+    """Request text never becomes a label: labels name models Ollama has (else `other`), and a model name
+    kept in a record is trimmed, normalised and cut."""
+    agent: AgentHandle = make_agent()
+    agent.start().wait_ready()
+    user = bearer(agent.key("user"))
+    http("POST", agent.url + "/api/chat", {"model": "tinyllama", "messages": MSG, "stream": False}, user)
+    size_before = len(agent.get("/metrics", agent.key("operator"))[1])
+    for pad in range(1, 41):
+        body = {"model": "tinyllama" + " " * pad, "messages": MSG, "stream": False}
+        http("POST", agent.url + "/api/chat", body, user)
+    http("POST", agent.url + "/api/chat", {"model": "x" * 5000, "messages": MSG, "stream": False}, user)
+    assert model_labels(agent) <= {"tinyllama:latest", "other", "-"}
+    assert len(agent.get("/metrics", agent.key("operator"))[1]) < size_before + 2000
+    wait_until(lambda: len(usage_rows(agent)) == 42, 5, "42 records")
+    models = {row["model"] for row in usage_rows(agent)}
+    assert "tinyllama:latest" in models
+    assert all(len(m) <= 200 and m == m.strip() for m in models)
+
+
+def usage_rows(agent: AgentHandle) -> list[dict[str, Any]]:
+    with sqlite3.connect(agent.dir / "agent.db") as conn:
+        conn.row_factory = sqlite3.Row
+        return [dict(r) for r in conn.execute("SELECT * FROM usage ORDER BY ts")]

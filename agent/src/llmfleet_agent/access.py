@@ -1,4 +1,4 @@
-"""Access log: one JSON line per request, with the key id (never the key)."""
+"""Access log: one JSON line per request, with the key id (never the key); what the client sent is cut."""
 
 from __future__ import annotations
 
@@ -7,21 +7,22 @@ import logging
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from .logs import event
+from .logs import clip, event
 
 REQUEST_KEY_ID = "llmfleet_key_id"
 
 
 class AccessLogger(AbstractAccessLogger):
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        method, path = clip(request.method), clip(request.path)
         event(
             logging.getLogger("llmfleet.access"),
             logging.INFO,
-            f"{request.method} {request.path} {response.status}",
-            method=request.method,
-            path=request.path,
+            f"{method} {path} {response.status}",
+            method=method,
+            path=path,
             status=response.status,
             duration_ms=round(time * 1000, 3),
-            remote=request.remote,
+            remote=clip(request.remote),
             key_id=request.get(REQUEST_KEY_ID),
         )

@@ -15,13 +15,14 @@ from aiohttp import web
 from .access import REQUEST_KEY_ID
 from .appkeys import AUDIT, KEYRING
 from .auth import AuthFailure
-from .http_errors import Handler, json_error
+from .http_errors import Handler, json_error, send_continue
 from .keys import KeyRecord
+from .logs import clip
 from .roles import Role
 from .store import AuditRecord
 
 _ATTR = "llmfleet_role"
-_PUBLIC = "public"
+_PUBLIC = PUBLIC = "public"
 REQUEST_KEY = "llmfleet_key"
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -40,6 +41,11 @@ def public(handler: F) -> F:
     return handler
 
 
+def role_of(handler: Any) -> Role | str | None:
+    """What a handler declared: a Role, PUBLIC, or None (open to no role)."""
+    return getattr(handler, _ATTR, None)
+
+
 def request_key(request: web.Request) -> KeyRecord:
     key: KeyRecord = request[REQUEST_KEY]
     return key
@@ -49,8 +55,9 @@ def request_key(request: web.Request) -> KeyRecord:
 async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     match_info = request.match_info
     route_handler = getattr(match_info, "handler", None)
-    needed = getattr(route_handler, _ATTR, None)
+    needed = role_of(route_handler)
     if needed == _PUBLIC:
+        await send_continue(request)
         return await handler(request)
     result = await request.app[KEYRING].authenticate(request)
     if isinstance(result, AuthFailure):
@@ -65,11 +72,11 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     if not isinstance(needed, Role):
         return json_error(403, f"{request.method} {request.path} is not open to any role")
     if not result.role.allows(needed):
-        detail = {"path": request.path, "method": request.method, "role": result.role.value}
+        method, path = clip(request.method), clip(request.path)
+        detail = {"path": path, "method": method, "role": result.role.value}
         request.app[AUDIT].add(AuditRecord("forbidden", result.id, detail))
         return json_error(
-            403,
-            f"key {result.id} has role {result.role.value}; {request.method} {request.path} "
-            f"needs {needed.value}",
+            403, f"key {result.id} has role {result.role.value}; {method} {path} needs {needed.value}"
         )
+    await send_continue(request)  # only now may the client send its body
     return await handler(request)

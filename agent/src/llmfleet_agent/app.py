@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+import stat
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from .appkeys import (
     ACTIVITY,
     AUDIT,
     CONFIG,
+    GATE,
     KEYRING,
     LIMITER,
     METRICS,
@@ -36,12 +38,14 @@ from .auth import KeyRing
 from .batching import BatchWriter
 from .config import Config, ConfigError
 from .control import routes as control_routes
-from .http_errors import error_middleware
+from .http_errors import add_routes, error_middleware
 from .metrics import Metrics
 from .probes import ProbeSampler, default_probes, gpu_busy, logins_open
+from .proxy.gate import Gate
 from .proxy.handler import add_proxy_routes
 from .proxy.limits import KeyLimiter
 from .proxy.routes import ROUTES
+from .retention import Pruner
 from .store import AuditRecord, open_store
 from .supervisor import Supervisor
 from .usage import UsageRecord
@@ -67,7 +71,10 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     audit.start()
     usage.start()
     app[AUDIT], app[USAGE] = audit, usage
+    pruner = Pruner(store, app[CONFIG].store)
+    pruner.start()
     yield
+    await pruner.stop()
     # runs after every request has finished: the last records are flushed before the store closes
     await usage.close()
     await audit.close()
@@ -75,7 +82,8 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _keys_ctx(app: web.Application) -> AsyncIterator[None]:
-    keyring = KeyRing(app[STORE], app[CONFIG].auth.refresh_interval, app[AUDIT])
+    auth = app[CONFIG].auth
+    keyring = KeyRing(app[STORE], auth.refresh_interval, app[AUDIT], auth.failure_window)
     await keyring.start()
     app[KEYRING] = keyring
     yield
@@ -123,6 +131,11 @@ async def _supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
     await supervisor.stop()
 
 
+async def _close_gate(app: web.Application) -> None:
+    # on SIGTERM, after the listener closed: the one grace for requests in flight, then the cut
+    await app[GATE].close(app[CONFIG].listen.shutdown_timeout)
+
+
 def create_app(cfg: Config) -> web.Application:
     app = web.Application(
         middlewares=[error_middleware, access_middleware],
@@ -133,16 +146,32 @@ def create_app(cfg: Config) -> web.Application:
     app[ACTIVITY] = Activity()
     app[LIMITER] = KeyLimiter(cfg.limits.max_concurrent_per_key, cfg.limits.requests_per_minute_per_key)
     app[METRICS] = Metrics(app[ACTIVITY], lambda: app.get(SUPERVISOR), lambda: app.get(PROBES))
+    app[GATE] = Gate()
     app.cleanup_ctx.extend([_store_ctx, _keys_ctx, _session_ctx, _probes_ctx, _supervisor_ctx])
-    app.add_routes(control_routes)
+    app.on_shutdown.append(_close_gate)
+    add_routes(app, control_routes)
     add_proxy_routes(app, ROUTES)
     return app
+
+
+def _refuse_shared_key(key: Path) -> None:
+    """A private key that other users may read or write is refused, as ssh does; group-readable is fine."""
+    try:
+        mode = stat.S_IMODE(key.stat().st_mode)
+    except OSError:
+        return  # loading it names the problem
+    if mode & 0o007:
+        raise ConfigError(
+            f"listen.tls.key: {key} has mode {mode:04o}, open to other users; a private key must not be:"
+            f" chmod 600 {key} (or 640 with the agent's group)"
+        )
 
 
 def ssl_context(cfg: Config) -> ssl.SSLContext | None:
     tls = cfg.listen.tls
     if tls is None:
         return None
+    _refuse_shared_key(tls.key)
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:

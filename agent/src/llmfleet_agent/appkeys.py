@@ -11,6 +11,7 @@ from .batching import BatchWriter
 from .config import Config
 from .metrics import Metrics
 from .probes import ProbeSampler
+from .proxy.gate import Gate
 from .proxy.limits import KeyLimiter
 from .store import AuditRecord, Store
 from .supervisor import Supervisor
@@ -28,3 +29,4 @@ PROBES = web.AppKey("probes", ProbeSampler)
 USAGE = web.AppKey("usage", BatchWriter[UsageRecord])
 LIMITER = web.AppKey("limiter", KeyLimiter)
 METRICS = web.AppKey("metrics", Metrics)
+GATE = web.AppKey("gate", Gate)

@@ -2,6 +2,7 @@
 
 The cache is reloaded every `auth.refresh_interval` seconds (so revocations made with the CLI take effect
 within that time); a key not in the cache is looked up in the store at once (so a new key works at once).
+Failures are logged and audited per (address, reason) and `auth.failure_window` (`failures`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from .batching import BatchWriter
+from .failures import AuthFailures
 from .keys import KeyRecord, key_id_for
 from .logs import event
 from .store import AuditRecord, Store
@@ -38,10 +40,16 @@ def bearer_token(request: web.Request) -> str | None:
 
 
 class KeyRing:
-    def __init__(self, store: Store, refresh_interval: float, audit: BatchWriter[AuditRecord]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        refresh_interval: float,
+        audit: BatchWriter[AuditRecord],
+        failure_window: float = 60.0,
+    ) -> None:
         self._store = store
         self._interval = refresh_interval
-        self._audit = audit
+        self._failures = AuthFailures(audit.add, failure_window)
         self._keys: dict[str, KeyRecord] = {}
         self._used: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
@@ -55,6 +63,7 @@ class KeyRing:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        self._failures.flush()
         await self._flush_used()
 
     async def reload(self) -> None:
@@ -96,7 +105,5 @@ class KeyRing:
         return record
 
     def _fail(self, request: web.Request, message: str, key_id: str | None) -> AuthFailure:
-        detail = {"path": request.path, "method": request.method, "remote": request.remote, "reason": message}
-        event(log, logging.WARNING, "authentication failed", key_id=key_id, **detail)
-        self._audit.add(AuditRecord("auth_failed", key_id, detail))
+        self._failures.record(request.remote, message, key_id, request.method, request.path)
         return AuthFailure(401, message, key_id)

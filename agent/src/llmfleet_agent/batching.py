@@ -14,6 +14,8 @@ from .logs import event
 log = logging.getLogger("llmfleet.batching")
 
 T = TypeVar("T")
+# what a store raises for a record it can never take (as opposed to being away)
+_DATA_ERRORS = (ValueError, TypeError)
 
 
 class BatchWriter(Generic[T]):
@@ -33,6 +35,7 @@ class BatchWriter(Generic[T]):
         self._task: asyncio.Task[None] | None = None
         self._failing = False
         self.written = 0
+        self.dropped = 0
 
     def add(self, record: T) -> None:
         """Never blocks and never fails: the record is kept until the store takes it."""
@@ -50,23 +53,50 @@ class BatchWriter(Generic[T]):
             batch = self._pending[: self.batch_size]
             try:
                 await self._write(batch)
+            except _DATA_ERRORS:
+                # a record the store cannot take (bad text, say) must not hold back the others for ever
+                if not await self._write_one_by_one(batch):
+                    return False
+                continue
             except Exception as exc:
-                if not self._failing:
-                    event(
-                        log,
-                        logging.ERROR,
-                        f"{self.name}: store write failed; keeping records",
-                        pending=len(self._pending),
-                        error=repr(exc),
-                    )
-                self._failing = True
+                self._failed(exc)
                 return False
-            del self._pending[: len(batch)]
-            self.written += len(batch)
-            if self._failing:
-                event(log, logging.INFO, f"{self.name}: store writes work again")
-                self._failing = False
+            self._written(len(batch))
         return True
+
+    async def _write_one_by_one(self, batch: list[T]) -> bool:
+        for record in batch:
+            try:
+                await self._write([record])
+            except _DATA_ERRORS as exc:
+                self.dropped += 1
+                message = f"{self.name}: a record the store refused is dropped"
+                event(log, logging.ERROR, message, error=repr(exc))
+                del self._pending[0]
+                continue
+            except Exception as exc:
+                self._failed(exc)
+                return False
+            self._written(1)
+        return True
+
+    def _written(self, count: int) -> None:
+        del self._pending[:count]
+        self.written += count
+        if self._failing:
+            event(log, logging.INFO, f"{self.name}: store writes work again")
+            self._failing = False
+
+    def _failed(self, exc: Exception) -> None:
+        if not self._failing:
+            event(
+                log,
+                logging.ERROR,
+                f"{self.name}: store write failed; keeping records",
+                pending=len(self._pending),
+                error=repr(exc),
+            )
+        self._failing = True
 
     async def _loop(self) -> None:
         while True:

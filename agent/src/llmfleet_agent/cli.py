@@ -1,4 +1,4 @@
-"""`llmfleet-agent`: serve, check-config, keys create|list|revoke, usage, status."""
+"""`llmfleet-agent`: serve, check-config, keys create|list|revoke, usage, status, openapi."""
 
 from __future__ import annotations
 
@@ -19,10 +19,11 @@ from typing import Any
 
 from aiohttp import web
 
-from . import __version__
+from . import __version__, openapi
 from .access import AccessLogger
 from .app import create_app, ssl_context
-from .config import Config, ConfigError, load_config, parse_duration
+from .config import Config, ConfigError, load_config, parse_config, parse_duration
+from .http_errors import install_parser_errors
 from .keys import KeyRecord, generate_secret, validate_secret
 from .logs import event, setup_logging
 from .roles import Role
@@ -30,6 +31,7 @@ from .store import AuditRecord, UsageSummary, open_store
 
 log = logging.getLogger("llmfleet.cli")
 KEY_ENV = "LLMFLEET_API_KEY"
+SHUTDOWN_BACKSTOP = 5.0
 
 
 class CliError(Exception):
@@ -48,6 +50,7 @@ def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
         config=str(args.config_path),
     )
     _use_uvloop()
+    install_parser_errors()
     try:
         web.run_app(
             create_app(cfg),
@@ -55,7 +58,9 @@ def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
             port=cfg.listen.port,
             ssl_context=ctx,
             access_log_class=AccessLogger,
-            shutdown_timeout=cfg.listen.shutdown_timeout,
+            # the grace for requests in flight is the agent's own (app.py, _close_gate); aiohttp's wait
+            # after it is only a backstop
+            shutdown_timeout=SHUTDOWN_BACKSTOP,
             # a client that goes away cancels its request, and so the generation upstream
             handler_cancellation=True,
             print=None,
@@ -331,6 +336,13 @@ def format_status(body: dict[str, Any]) -> str:
     return "\n".join(f"{name:<8} {text}" for name, text in lines)
 
 
+# ----- openapi ------------------------------------------------------------------
+def cmd_openapi(_cfg: Config | None, _args: argparse.Namespace) -> int:
+    """The document GET /openapi.json serves: the routes are the same whatever the configuration."""
+    sys.stdout.write(openapi.dumps(openapi.build_openapi(create_app(parse_config({}, "defaults")))))
+    return 0
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -387,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = with_config(keys.add_parser("revoke", help="revoke a key by id"))
     revoke.add_argument("id")
     revoke.set_defaults(func=cmd_keys_revoke)
+
+    document = sub.add_parser("openapi", help="print the agent's API as an OpenAPI document (no config)")
+    document.set_defaults(func=cmd_openapi, config=None, needs_config=False)
     return parser
 
 
@@ -394,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.config_path = args.config or os.environ.get("LLMFLEET_CONFIG")
-        cfg = load_config(args.config)
+        cfg = load_config(args.config) if getattr(args, "needs_config", True) else None
         return int(args.func(cfg, args))
     except ConfigError as exc:
         print(f"llmfleet-agent: configuration error: {exc}", file=sys.stderr)

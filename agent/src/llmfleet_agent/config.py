@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 CONFIG_ENV = "LLMFLEET_CONFIG"
 DEFAULT_STATE_DIR = Path("/var/lib/llmfleet-agent")
@@ -38,6 +46,10 @@ def parse_duration(value: str | float | int) -> float:
     return float(match.group(1)) * _UNITS[match.group(2)]
 
 
+# a duration in the file: a number of seconds or 30s, 15m, 2h, 7d, 1w
+Duration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -51,6 +63,7 @@ class ListenConfig(_Section):
     host: str = "127.0.0.1"
     port: Port = 8443
     tls: TLSConfig | None = None
+    # on SIGTERM: how long requests in flight may take to finish before their answers are cut
     shutdown_timeout: Seconds = 30.0
 
 
@@ -105,10 +118,15 @@ class OllamaConfig(_Section):
 class AuthConfig(_Section):
     # how often the agent re-reads keys from the store (revocations take effect within this time)
     refresh_interval: Seconds = 2.0
+    # auth failures are logged and audited once per (address, reason) per window, with their count
+    failure_window: Seconds = 60.0
 
 
 class StoreConfig(_Section):
     url: str = "sqlite:///" + str(DEFAULT_STATE_DIR / "agent.db")
+    # records older than this are deleted (at start, then hourly); null: kept for ever
+    audit_retention: Duration | None = 90 * 86400.0
+    usage_retention: Duration | None = 400 * 86400.0
 
     @field_validator("url")
     @classmethod
@@ -137,6 +155,9 @@ class ProbesConfig(_Section):
 
 class LimitsConfig(_Section):
     max_body_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024 * 1024
+    # the longest a client may take to send a request body (408 after); for blob uploads, the longest
+    # wait for the next piece of the body
+    body_timeout: Seconds = 60.0
     # defaults for keys that set none of their own; null: unlimited
     max_concurrent_per_key: Annotated[int, Field(ge=1)] | None = None
     requests_per_minute_per_key: Annotated[int, Field(ge=1)] | None = None

@@ -12,9 +12,11 @@ from aiohttp import web
 from . import __version__
 from .access_control import public, request_key, requires
 from .appkeys import ACTIVITY, AUDIT, CONFIG, METRICS, PROBES, STARTED_AT, SUPERVISOR
+from .gojson import BodyError, loads_object
 from .http_errors import json_error
 from .logs import event
 from .metrics import CONTENT_TYPE
+from .openapi import openapi_json
 from .roles import Role
 from .store import AuditRecord
 from .supervisor import State
@@ -92,14 +94,13 @@ async def _drain_threshold(request: web.Request) -> float | None:
     """`if_idle_for` from the optional JSON body; raises a 400 naming the field when it is bad."""
     if not request.can_read_body:
         return None
-    try:
-        body = await request.json()
-    except ValueError:
-        raise web.HTTPBadRequest(text="request body is not valid JSON") from None
-    if body is None:
+    raw = await request.read()
+    if not raw.strip():
         return None
-    if not isinstance(body, dict):
-        raise web.HTTPBadRequest(text="request body must be a JSON object")
+    try:
+        body = loads_object(raw)
+    except BodyError as exc:
+        raise web.HTTPBadRequest(text=str(exc)) from None
     unknown = sorted(set(body) - {"if_idle_for"})
     if unknown:
         raise web.HTTPBadRequest(text=f"unknown field(s): {', '.join(unknown)}")
@@ -145,3 +146,9 @@ async def resume(request: web.Request) -> web.Response:
 @requires(Role.OPERATOR)
 async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+@routes.get("/openapi.json")
+@requires(Role.OPERATOR)
+async def openapi_document(request: web.Request) -> web.Response:
+    return web.Response(body=openapi_json(request.app), content_type="application/json")

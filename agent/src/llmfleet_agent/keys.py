@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .models import normalize_model
+from .models import InvalidName, normalize_model, parse_name
 from .roles import Role
 
 KEY_PREFIX = "llmf_"
@@ -46,11 +46,19 @@ def validate_secret(secret: str) -> str:
 
 
 def model_matches(patterns: tuple[str, ...], model: str) -> bool:
-    """True when no patterns limit the key, or one of them matches the model (`name:tag` globs)."""
+    """True when no patterns limit the key, or one of them matches the model.
+
+    The model is taken in Ollama's own form (`name:tag`, the default registry and namespace dropped), and
+    matched without regard to case, as Ollama finds an existing model; a name Ollama would refuse
+    matches no pattern. Patterns are `name:tag` globs.
+    """
     if not patterns:
         return True
-    name = normalize_model(model)
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+    try:
+        name = parse_name(model).full.lower()
+    except InvalidName:
+        return False
+    return any(fnmatch.fnmatchcase(name, pattern.lower()) for pattern in patterns)
 
 
 def normalize_pattern(pattern: str) -> str:

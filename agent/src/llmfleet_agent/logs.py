@@ -12,6 +12,8 @@ import time
 from typing import Any
 
 _RESERVED = "fields"
+# what a client sends (a path, a method, an address) is cut to this length in the log and the audit
+CLIP_CHARS = 200
 _dumps = json.JSONEncoder(default=str, separators=(",", ":")).encode
 
 
@@ -62,6 +64,13 @@ def setup_logging(level: str = "info", fmt: str = "json") -> None:
     root.setLevel(level.upper())
     # aiohttp's own access log is replaced by ours (see app.py)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def clip(text: str | None, limit: int = CLIP_CHARS) -> str | None:
+    """Client-supplied `text`, cut to `limit` characters with a marker saying how long it was."""
+    if text is None or len(text) <= limit:
+        return text
+    return f"{text[:limit]}...[cut from {len(text)} chars]"
 
 
 def event(logger: logging.Logger, level: int, msg: str, **fields: Any) -> None:

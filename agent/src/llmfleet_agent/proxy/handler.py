@@ -1,33 +1,42 @@
 """Forwarding one request to Ollama: checks, then a byte-for-byte stream in both directions, then a record.
 
-Order of checks, none of which awaits between the admission steps: body (413, 400) -> model rights (403)
--> Ollama RUNNING (503) -> per-key limits (429) -> draining (503). Only then is the request in flight.
+Order of checks: per-key limits (429, counted from the moment the key is known) -> body (408, 413, 400)
+-> model rights (403) -> Ollama RUNNING, agent stopping, draining (503; nothing awaits between these and
+the forwarding). Only then is the request in flight. Every outcome, refusals included, leaves one usage
+record; a failure writing to the client is the client's (499), one reading from Ollama is Ollama's (502,
+504 when it stalls past `proxy.read_timeout`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
 import os
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 
 from ..access_control import request_key, requires
-from ..appkeys import ACTIVITY, AUDIT, CONFIG, LIMITER, METRICS, SESSION, SUPERVISOR, USAGE
-from ..http_errors import Handler, json_error
+from ..appkeys import ACTIVITY, AUDIT, CONFIG, GATE, LIMITER, METRICS, SESSION, SUPERVISOR, USAGE
+from ..gojson import BodyError, GoObject, loads_object
+from ..http_errors import Handler, defer_expect, json_error
 from ..keys import KeyRecord, model_matches
-from ..logs import event
-from ..models import normalize_model
+from ..logs import clip, event
+from ..modelfile import models_named
+from ..models import InvalidName, parse_name, recorded_model
 from ..store import AuditRecord
 from ..supervisor import State
 from ..usage import UsageRecord
+from .gate import SHUTTING_DOWN
 from .observe import Counts, Observer, PassThrough, observer_for
 from .routes import Filter, Kind, RouteSpec
 
@@ -48,6 +57,7 @@ _DROP_REQUEST = frozenset(
         "content-length",
         "authorization",
         "expect",
+        "content-encoding",  # aiohttp has decoded the body: what is forwarded is plain
     }
 )
 _DROP_RESPONSE = frozenset(
@@ -63,7 +73,9 @@ _DROP_RESPONSE = frozenset(
         "server",
     }
 )
-_STREAM_ERRORS = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError)
+# reading from Ollama failed (writing to the client is wrapped apart: see _send)
+_UPSTREAM_ERRORS = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError)
+_UPSTREAM_TEXT = 4096  # how much of a plain-text error from Ollama is read
 
 
 @dataclass
@@ -83,7 +95,35 @@ class Exchange:
     error: str | None = None
     models: list[str] = field(default_factory=list)  # every model the request names
     strip_usage: bool = False  # the proxy asked for a usage chunk the client did not ask for
+    body_timed_out: bool = False  # a streamed request body (blob) stalled past limits.body_timeout
+    cut: list[str] = field(default_factory=list)  # set by the gate when the agent ends the request
     recorded: bool = False
+
+
+class Refused(Exception):
+    """The request is answered with an error before (or instead of) reaching Ollama."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        headers: dict[str, str] | None = None,
+        reason: str | None = None,
+        close: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+        self.reason = reason
+        self.close = close  # the connection cannot be reused (an unread body)
+
+
+ROUTE_SPEC = "llmfleet_route_spec"
+
+
+class _ClientGone(Exception):
+    """Writing to the client failed: it went away."""
 
 
 def make_handler(spec: RouteSpec) -> Handler:
@@ -92,114 +132,219 @@ def make_handler(spec: RouteSpec) -> Handler:
         return await proxy(request, Exchange(spec, request_key(request)))
 
     handler.__name__ = f"proxy {spec.method} {spec.path}"
+    setattr(handler, ROUTE_SPEC, spec)  # what the OpenAPI document describes
     return handler
 
 
 def add_proxy_routes(app: web.Application, specs: tuple[RouteSpec, ...]) -> None:
     for spec in specs:
-        app.router.add_route(spec.method, spec.path, make_handler(spec))
+        app.router.add_route(spec.method, spec.path, make_handler(spec), expect_handler=defer_expect)
 
 
 # ----- the request ------------------------------------------------------------------
 async def proxy(request: web.Request, ex: Exchange) -> web.StreamResponse:
     app = request.app
+    limiter = app[LIMITER]
+    admitted = False
     try:
-        body, refusal = await _read_body(request, ex)
+        refusal = limiter.acquire(ex.key.id, ex.key.max_concurrent, ex.key.rpm)
         if refusal is not None:
-            return _refuse(request, ex, *refusal)
-        refusal = _check_rights(request, ex)
-        if refusal is not None:
-            return _refuse(request, ex, *refusal)
+            headers = {"Retry-After": str(max(1, math.ceil(refusal.retry_after)))}
+            raise Refused(429, refusal.message, headers, reason="rate_limited")
+        admitted = True
+        body = await _read_body(request, ex)
+        _check_rights(request, ex)
         return await _admit_and_forward(request, ex, body)
+    except Refused as refused:
+        return _refuse(request, ex, refused)
     except asyncio.CancelledError:
-        ex.status, ex.error = 499, "client disconnected"
+        if not ex.status:
+            ex.status, ex.error = 499, "client disconnected"
         raise
     finally:
+        if admitted:
+            limiter.release(ex.key.id)
         if ex.status:
             _record(app, ex)  # once: a no-op when the stream already recorded it
 
 
-async def _read_body(request: web.Request, ex: Exchange) -> tuple[bytes | None, tuple[int, str] | None]:
+async def _read_body(request: web.Request, ex: Exchange) -> bytes | None:
     spec = ex.spec
     if not spec.json_body:
-        return None, None
+        return None
+    limits = request.app[CONFIG].limits
     try:
-        raw = await request.read()
+        raw = await asyncio.wait_for(request.read(), limits.body_timeout)
     except web.HTTPRequestEntityTooLarge:
-        limit = request.app[CONFIG].limits.max_body_bytes
-        return None, (413, f"request body too large (limit {limit} bytes)")
+        message = f"request body too large (limit {limits.max_body_bytes} bytes)"
+        raise Refused(413, message, close=True) from None
+    except asyncio.TimeoutError:
+        message = f"request body not received within {limits.body_timeout:g}s"
+        raise Refused(408, message, reason="body_timeout", close=True) from None
+    except ConnectionError:
+        raise Refused(499, "client disconnected while sending the body", close=True) from None
+    except HttpProcessingError as exc:  # the body's framing (chunks, length) was wrong
+        raise Refused(400, f"bad request body: {clip(exc.message)}", close=True) from None
     try:
-        payload = json.loads(raw) if raw else None
-    except ValueError as exc:
-        return None, (400, f"request body is not valid JSON: {exc}")
-    if not isinstance(payload, dict):
-        return None, (400, "request body must be a JSON object")
-    named = [payload[f] for f in spec.model_fields if f in payload]
-    for name in named:
-        if not isinstance(name, str) or not name:
-            return None, (400, f"model name must be a non-empty string (got {name!r})")
-    if spec.model_required and not named:
-        return None, (400, f"missing field: {spec.model_fields[0]}")
-    ex.model = named[0] if named else None
-    ex.models = named
-    if spec.kind is Kind.INFERENCE:
-        ex.stream = bool(payload.get("stream", not spec.openai)) and not spec.path.endswith(
-            ("embed", "embeddings")
+        payload = loads_object(raw)
+    except BodyError as exc:
+        raise Refused(400, str(exc)) from None
+    return _read_fields(ex, payload, raw)
+
+
+def _preview(value: Any) -> str:
+    return clip(repr(value)) or ""
+
+
+def _once(payload: GoObject, name: str) -> Any:
+    """A field the agent decides on: refused when the body names it twice (as Ollama would take the last)."""
+    if payload.count(name) > 1:
+        raise Refused(
+            400,
+            f"field {name!r} appears {payload.count(name)} times (Ollama matches keys without regard to "
+            "case and takes the last one): send it once",
         )
-    if spec.openai and ex.stream and not (payload.get("stream_options") or {}).get("include_usage"):
-        # ask Ollama for the usage chunk; the observer keeps it from the client, who did not ask for it
-        payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
-        ex.strip_usage = True
-        return json.dumps(payload).encode(), None
-    return raw, None
+    return payload.get(name)
 
 
-def _check_rights(request: web.Request, ex: Exchange) -> tuple[int, str] | None:
+def _flag(obj: GoObject, name: str, default: bool) -> bool:
+    value = obj.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise Refused(400, f"{name} must be true or false (got {_preview(value)})")
+    return value
+
+
+def _model_names(payload: GoObject, spec: RouteSpec) -> list[str]:
+    """Every model the body names, in the order of spec.model_fields, then the Modelfile's FROM lines."""
+    names = []
+    for name in spec.model_fields:
+        value = _once(payload, name)
+        if value is None or value == "":  # Ollama treats an empty name as no name
+            continue
+        if not isinstance(value, str):
+            raise Refused(400, f"{name} must be a model name, a string (got {_preview(value)})")
+        names.append(value)
+    if spec.modelfile:
+        text = _once(payload, "modelfile")
+        if text is not None:
+            if not isinstance(text, str):
+                raise Refused(400, f"modelfile must be a string (got {_preview(text)})")
+            names.extend(models_named(text))
+    return names
+
+
+# create's sources other than a model: blobs by digest (which may be the layers of any model on the host,
+# digests of registry models are public) and a remote host to proxy to; none is open to a model-limited key
+_BLOB_SOURCES = ("files", "adapters", "draft_files", "remote_host")
+
+
+def _check_blob_sources(ex: Exchange, payload: GoObject) -> None:
+    for name in _BLOB_SOURCES:
+        if payload.get(name):
+            raise Refused(
+                403,
+                f"key {ex.key.id} is limited to model patterns: it may create a model only from a model "
+                f"it may use, not from {name}",
+            )
+
+
+def _read_fields(ex: Exchange, payload: GoObject, raw: bytes) -> bytes:
+    """Check and read the fields the agent decides on; the body to forward."""
+    spec = ex.spec
+    names = _model_names(payload, spec)
+    if spec.model_required and not names:
+        raise Refused(400, f"missing field: {spec.model_fields[0]}")
+    ex.models = names
+    if spec.modelfile and ex.key.models:
+        _check_blob_sources(ex, payload)
+    ex.model = next((payload.get(f) for f in spec.model_fields if payload.get(f)), None)
+    if spec.kind is not Kind.INFERENCE:
+        return raw
+    streams = not spec.path.endswith(("embed", "embeddings"))
+    ex.stream = _flag(payload, "stream", not spec.openai) and streams
+    if not (spec.openai and ex.stream):
+        return raw
+    options = payload.get("stream_options")
+    if options is not None and not isinstance(options, GoObject):
+        raise Refused(400, f"stream_options must be an object (got {_preview(options)})")
+    if options is not None and _flag(options, "include_usage", False):
+        return raw
+    # ask Ollama for the usage chunk; the observer keeps it from the client, who did not ask for it. The
+    # body is not rebuilt (that could change what Go reads of repeated keys): the field is added at its
+    # end, and of a field given twice Go takes the last.
+    ex.strip_usage = True
+    return _with_last_field(raw, b'"stream_options":{"include_usage":true}')
+
+
+def _with_last_field(raw: bytes, member: bytes) -> bytes:
+    """The JSON object `raw` (parsed already) with `member` added as its last member."""
+    head = raw.rstrip()[:-1].rstrip()  # without the closing brace
+    return head + (b"" if head.endswith(b"{") else b",") + member + b"}"
+
+
+def _check_path(request: web.Request) -> None:
+    """A path parameter is one plain segment: no dot segment (Ollama's router would resolve it to another
+    path) and no control character."""
+    for name, value in request.match_info.items():
+        if value in (".", "..") or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+            raise Refused(400, f"invalid {name} in the path: {_preview(value)}")
+
+
+def _check_rights(request: web.Request, ex: Exchange) -> None:
+    _check_path(request)
     if "model" in request.match_info:
         ex.model = request.match_info["model"]
         ex.models = [ex.model]
+    if not ex.key.models:
+        return  # an unlimited key: Ollama alone judges the names
     for name in ex.models:
+        try:
+            parse_name(name)
+        except InvalidName:  # a name outside Ollama's grammar is refused, never matched loosely
+            raise Refused(400, f"invalid model name {_preview(name)}") from None
         if not model_matches(ex.key.models, name):
-            return 403, f"key {ex.key.id} may not use model {name!r}"
-    return None
+            raise Refused(403, f"key {ex.key.id} may not use model {_preview(name)}")
 
 
 async def _admit_and_forward(request: web.Request, ex: Exchange, body: bytes | None) -> web.StreamResponse:
     app = request.app
     cfg = app[CONFIG]
     supervisor = app[SUPERVISOR]
+    gate = app[GATE]
     retry = {"Retry-After": str(math.ceil(cfg.proxy.retry_after))}
     if supervisor.state is not State.RUNNING:
-        return _refuse(request, ex, 503, f"ollama is {supervisor.state.value}: {supervisor.reason}", retry)
-    limiter = app[LIMITER]
-    refusal = limiter.acquire(ex.key.id, ex.key.max_concurrent, ex.key.rpm)
-    if refusal is not None:
-        headers = {"Retry-After": str(max(1, math.ceil(refusal.retry_after)))}
-        return _refuse(request, ex, 429, refusal.message, headers, reason="rate_limited")
+        raise Refused(503, f"ollama is {supervisor.state.value}: {supervisor.reason}", retry)
+    cut = gate.enter()
+    if cut is None:
+        raise Refused(503, f"{SHUTTING_DOWN}; retry on another host", retry, reason="stopping")
     activity = app[ACTIVITY]
     if not activity.try_begin():
-        limiter.release(ex.key.id)
-        return _refuse(
-            request, ex, 503, "draining: this host is about to stop; retry later", retry, reason="draining"
-        )
+        gate.leave()
+        raise Refused(503, "draining: this host is about to stop; retry later", retry, reason="draining")
+    ex.cut = cut
     try:
         return await _forward(request, ex, body)
     finally:
         activity.end()
-        limiter.release(ex.key.id)
+        gate.leave()
 
 
-def _refuse(
-    request: web.Request,
-    ex: Exchange,
-    status: int,
-    message: str,
-    headers: dict[str, str] | None = None,
-    reason: str | None = None,
-) -> web.Response:
-    ex.status, ex.error = status, message
-    request.app[METRICS].refusals.labels(reason or str(status)).inc()
-    return json_error(status, message, {**(headers or {}), "X-Request-Id": ex.request_id})
+def _refuse(request: web.Request, ex: Exchange, refused: Refused) -> web.Response:
+    ex.status, ex.error = refused.status, refused.message
+    request.app[METRICS].refusals.labels(refused.reason or str(refused.status)).inc()
+    response = json_error(refused.status, refused.message, {**refused.headers, "X-Request-Id": ex.request_id})
+    if refused.close:
+        response.force_close()
+    return response
+
+
+def _uncancel() -> None:
+    """The cancellation was the gate's cut, handled here: the task goes on to write its last line."""
+    task = asyncio.current_task()
+    if task is not None and hasattr(task, "uncancel"):
+        task.uncancel()
 
 
 # ----- forwarding ------------------------------------------------------------------
@@ -207,11 +352,25 @@ def _upstream_headers(request: web.Request) -> CIMultiDict[str]:
     return CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST)
 
 
+async def _paced(request: web.Request, ex: Exchange) -> AsyncIterator[bytes]:
+    """A streamed request body (a blob), each piece awaited at most limits.body_timeout."""
+    timeout = request.app[CONFIG].limits.body_timeout
+    while True:
+        try:
+            chunk = await asyncio.wait_for(request.content.readany(), timeout)
+        except asyncio.TimeoutError:
+            ex.body_timed_out = True
+            raise
+        if not chunk:
+            return
+        yield chunk
+
+
 async def _forward(request: web.Request, ex: Exchange, body: bytes | None) -> web.StreamResponse:
     app = request.app
     cfg = app[CONFIG].proxy
     url = app[SUPERVISOR].base_url + request.rel_url.raw_path_qs
-    data: Any = body if ex.spec.json_body else (request.content if ex.spec.streams_body else None)
+    data: Any = body if ex.spec.json_body else (_paced(request, ex) if ex.spec.streams_body else None)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout, sock_read=cfg.read_timeout)
     try:
         upstream_cm = app[SESSION].request(
@@ -226,25 +385,41 @@ async def _forward(request: web.Request, ex: Exchange, body: bytes | None) -> we
             if ex.spec.filter is not Filter.NONE and ex.key.models and upstream.status == 200:
                 return await _filtered(request, ex, upstream)
             return await _stream(request, ex, upstream)
+    except asyncio.CancelledError:
+        if not ex.cut or ex.status:
+            raise
+        _uncancel()  # cut by the gate while Ollama had not answered yet
+        raise Refused(503, f"{SHUTTING_DOWN}; retry on another host", reason="stopping") from None
     except aiohttp.ClientConnectorError as exc:
-        return _refuse(
-            request,
-            ex,
-            503,
-            f"ollama is not reachable: {exc.os_error}",
-            {"Retry-After": str(math.ceil(cfg.retry_after))},
-            reason="unreachable",
-        )
-    except asyncio.TimeoutError:
+        retry = {"Retry-After": str(math.ceil(cfg.retry_after))}
+        raise Refused(503, f"ollama is not reachable: {exc.os_error}", retry, reason="unreachable") from None
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         if ex.status:  # the answer had started: _stream recorded it
             raise
-        return _refuse(
-            request, ex, 504, f"ollama did not answer within {cfg.read_timeout:g}s", reason="timeout"
-        )
+        if ex.body_timed_out:
+            limit = app[CONFIG].limits.body_timeout
+            message = f"request body stalled: nothing received for {limit:g}s"
+            raise Refused(408, message, reason="body_timeout", close=True) from None
+        if isinstance(exc, asyncio.TimeoutError):
+            message = f"ollama did not answer within {cfg.read_timeout:g}s"
+            raise Refused(504, message, reason="timeout") from None
+        message = f"ollama failed before answering: {type(exc).__name__}: {exc}"
+        event(log, logging.WARNING, "ollama failed before answering", request_id=ex.request_id, error=message)
+        raise Refused(502, message, reason="upstream_failed") from None
+
+
+async def _send(response: web.StreamResponse, data: bytes) -> None:
+    """Write to the client; _ClientGone when it went away (never confused with Ollama's errors)."""
+    try:
+        await response.write(data)
+    except ConnectionError as exc:  # aiohttp's ClientConnectionResetError is a ConnectionResetError
+        raise _ClientGone from exc
 
 
 async def _stream(request: web.Request, ex: Exchange, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
     content_type = upstream.headers.get("Content-Type", "")
+    if upstream.status >= 400 and not content_type.startswith(("application/json", "text/event-stream")):
+        return await _json_error_of(request, ex, upstream)
     observer: Observer = (
         observer_for(content_type, ex.spec.openai, ex.strip_usage)
         if ex.spec.kind is Kind.INFERENCE
@@ -258,7 +433,10 @@ async def _stream(request: web.Request, ex: Exchange, upstream: aiohttp.ClientRe
     if upstream.content_length is not None and not ex.strip_usage:
         response.content_length = upstream.content_length
     ex.status = upstream.status
-    await response.prepare(request)
+    try:
+        await response.prepare(request)
+    except ConnectionError:
+        return _client_gone(request, ex, upstream, response)
     if request.method == "HEAD":
         ex.ttfb = time.perf_counter()
         return response
@@ -268,32 +446,79 @@ async def _stream(request: web.Request, ex: Exchange, upstream: aiohttp.ClientRe
                 ex.ttfb = time.perf_counter()
             out = observer.feed(chunk)
             if out:
-                await response.write(out)
+                await _send(response, out)
         tail = observer.finish()
         if tail:
-            await response.write(tail)
-    except _STREAM_ERRORS as exc:
+            await _send(response, tail)
+    except _ClientGone:
+        return _client_gone(request, ex, upstream, response)
+    except asyncio.CancelledError:
+        upstream.close()  # closing the upstream connection stops the generation
+        if not ex.cut:
+            ex.status, ex.error = 499, "client disconnected"
+            raise
+        _uncancel()
+        await _end_with_error(request, ex, response, content_type, 503, SHUTTING_DOWN)
+        return response
+    except _UPSTREAM_ERRORS as exc:
         # Ollama died or stalled mid-answer: tell the client in the stream's own framing
         upstream.close()
-        ex.error = f"ollama stopped mid-answer: {type(exc).__name__}: {exc}"
-        ex.status = 502
-        event(log, logging.WARNING, "ollama failed mid-answer", request_id=ex.request_id, error=ex.error)
-        await response.write(_error_tail(content_type, ex.error))
-    except (ConnectionResetError, asyncio.CancelledError):
-        upstream.close()  # the client went away: closing the upstream connection stops the generation
-        ex.status, ex.error = 499, "client disconnected"
-        raise
+        message = f"ollama stopped mid-answer: {type(exc).__name__}: {exc}"
+        event(log, logging.WARNING, "ollama failed mid-answer", request_id=ex.request_id, error=message)
+        await _end_with_error(request, ex, response, content_type, 502, message)
+        return response
     ex.counts = observer.counts
     if ex.counts.error and ex.error is None:
         ex.error = ex.counts.error
     _record(request.app, ex)  # before the end reaches the client: a stop right after loses nothing
-    await response.write_eof()
+    with contextlib.suppress(ConnectionError):  # the client has the answer but its end; the record stands
+        await response.write_eof()
     return response
 
 
-def _error_tail(content_type: str, message: str) -> bytes:
+async def _json_error_of(
+    request: web.Request, ex: Exchange, upstream: aiohttp.ClientResponse
+) -> web.StreamResponse:
+    """An error Ollama answered in plain text (its router's `404 page not found`), as every error: JSON."""
+    text = (await upstream.content.read(_UPSTREAM_TEXT)).decode(errors="replace").strip()
+    upstream.close()
+    ex.ttfb = time.perf_counter()
+    ex.status, ex.error = upstream.status, clip(text) or upstream.reason or str(upstream.status)
+    if request.method == "HEAD":
+        return web.Response(status=upstream.status, headers={"X-Request-Id": ex.request_id})
+    return json_error(ex.status, ex.error, {"X-Request-Id": ex.request_id})
+
+
+def _client_gone(
+    request: web.Request, ex: Exchange, upstream: aiohttp.ClientResponse, response: web.StreamResponse
+) -> web.StreamResponse:
+    upstream.close()  # closing the upstream connection stops the generation
+    ex.status, ex.error = 499, "client disconnected"
+    _record(request.app, ex)
+    return response
+
+
+async def _end_with_error(
+    request: web.Request,
+    ex: Exchange,
+    response: web.StreamResponse,
+    content_type: str,
+    status: int,
+    message: str,
+) -> None:
+    """End a started answer with an error in its own framing, and record it with that status."""
+    ex.status, ex.error = status, message
+    _record(request.app, ex)
+    try:
+        await _send(response, _error_tail(content_type, message, status))
+        await response.write_eof()
+    except (_ClientGone, ConnectionError):
+        pass  # the client is gone too; the record says what happened first
+
+
+def _error_tail(content_type: str, message: str, status: int) -> bytes:
     if content_type.startswith("text/event-stream"):
-        body = {"error": {"message": message, "type": "server_error", "code": 502}}
+        body = {"error": {"message": message, "type": "server_error", "code": status}}
         return b"data: " + json.dumps(body).encode() + b"\n\n"
     return json.dumps({"error": message}).encode() + b"\n"
 
@@ -312,6 +537,14 @@ async def _filtered(request: web.Request, ex: Exchange, upstream: aiohttp.Client
 
 
 # ----- the record ------------------------------------------------------------------
+def _model_label(app: web.Application, model: str | None) -> str:
+    """A metric label: a model Ollama has, else `other` (never raw request text: labels must stay few)."""
+    if model is None:
+        return "-"
+    present = app[SUPERVISOR].models_present
+    return model if present is not None and model in present else "other"
+
+
 def _record(app: web.Application, ex: Exchange) -> None:
     if ex.recorded:
         return
@@ -319,7 +552,7 @@ def _record(app: web.Application, ex: Exchange) -> None:
     now = time.perf_counter()
     duration = now - ex.started
     ttfb = None if ex.ttfb is None else ex.ttfb - ex.started
-    model = normalize_model(ex.model) if ex.model else None
+    model = recorded_model(ex.model) if ex.model else None
     record = UsageRecord(
         ts=ex.ts,
         request_id=ex.request_id,
@@ -337,7 +570,7 @@ def _record(app: web.Application, ex: Exchange) -> None:
     )
     app[USAGE].add(record)
     metrics = app[METRICS]
-    model_label = model if model and ex.status < 400 else "-"
+    model_label = _model_label(app, model) if ex.status < 400 else "-"
     metrics.requests.labels(ex.spec.path, model_label, str(ex.status)).inc()
     metrics.duration.labels(ex.spec.path).observe(duration)
     if ttfb is not None:

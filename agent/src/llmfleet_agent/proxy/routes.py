@@ -26,8 +26,9 @@ class RouteSpec:
     path: str
     role: Role
     kind: Kind
-    # JSON body fields that name models the key must be allowed to use (the first present one is "the
-    # model" of the request's record); empty: no model in the body
+    # JSON body fields through which Ollama resolves models (read as Go reads them: any case, the last
+    # one winning); the key must be allowed every model they name, and the first present one is "the
+    # model" of the request's record; empty: no model in the body
     model_fields: tuple[str, ...] = ()
     model_required: bool = False
     json_body: bool = True
@@ -35,6 +36,7 @@ class RouteSpec:
     filter: Filter = Filter.NONE
     audit: str | None = None  # admin actions leave an audit record under this event name
     streams_body: bool = False  # the request body is streamed through, not parsed (blobs)
+    modelfile: bool = False  # an older `modelfile` field's FROM lines name models too (create)
 
 
 U, A = Role.USER, Role.ADMIN
@@ -53,7 +55,16 @@ ROUTES: tuple[RouteSpec, ...] = (
     # model management
     RouteSpec("POST", "/api/pull", A, MANAGE, ("model", "name"), True, audit="model_pull"),
     RouteSpec("POST", "/api/push", A, MANAGE, ("model", "name"), True, audit="model_push"),
-    RouteSpec("POST", "/api/create", A, MANAGE, ("model", "name"), True, audit="model_create"),
+    RouteSpec(
+        "POST",
+        "/api/create",
+        A,
+        MANAGE,
+        ("model", "name", "from"),
+        True,
+        modelfile=True,
+        audit="model_create",
+    ),
     RouteSpec("POST", "/api/copy", A, MANAGE, ("source", "destination"), True, audit="model_copy"),
     RouteSpec("DELETE", "/api/delete", A, MANAGE, ("model", "name"), True, audit="model_delete"),
     RouteSpec("HEAD", "/api/blobs/{digest}", A, MANAGE, json_body=False),

@@ -8,9 +8,11 @@ from typing import Any
 
 from aiohttp import web
 
+from ..gojson import BodyError, GoObject, loads_object
+from ..models import InvalidName, ModelName, parse_name
 from .residency import parse_keep_alive
 from .state import SimState
-from .store import InvalidName, ModelName, ModelRecord, parse_name
+from .store import ModelRecord
 
 NDJSON = "application/x-ndjson"
 SSE = "text/event-stream"
@@ -39,18 +41,16 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
 
 
-async def read_json(request: web.Request) -> dict[str, Any]:
-    """The request body as a JSON object; ApiError 400 when it is missing or not a JSON object."""
+async def read_json(request: web.Request) -> GoObject:
+    """The request body as a JSON object, read as Ollama reads it (gojson: keys without regard to case,
+    the last of a repeated key winning); ApiError 400 when it is missing or not a JSON object."""
     raw = await request.read()
     if not raw.strip():
         raise ApiError(400, "missing request body")
     try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"invalid JSON in request body: {exc}") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "request body must be a JSON object")
-    return data
+        return loads_object(raw)
+    except BodyError as exc:
+        raise ApiError(400, str(exc)) from None
 
 
 def opt_str(body: dict[str, Any], key: str) -> str:

@@ -11,10 +11,11 @@ from typing import Any
 
 from aiohttp import web
 
+from ..models import parse_digest
 from .httpio import ApiError, dumps, known_model, model_name, raw_model_field, read_json
 from .residency import LoadedModel
 from .state import STATE, VERSION
-from .store import ModelRecord, name_digest, now_rfc3339, parse_digest
+from .store import ModelRecord, name_digest, now_rfc3339
 
 CONTEXT_LENGTH = 4096
 _FOREVER_YEARS = 292  # what Ollama shows for a model kept for ever (keep_alive < 0)

@@ -13,6 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..models import parse_name
 from .generation import Channel, Result, run_generation
 from .httpio import (
     ApiError,
@@ -29,7 +30,7 @@ from .httpio import (
 )
 from .native import chat_source
 from .state import STATE, SimState
-from .store import ModelRecord, parse_name
+from .store import ModelRecord
 from .toymodel import Plan, count_words, embed, plan_answer
 
 FINGERPRINT = "fp_ollama"

@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -19,17 +18,6 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 STATE_DIR = "llmfleet-sim"
-DEFAULT_REGISTRY = "registry.ollama.ai"
-DEFAULT_NAMESPACE = "library"
-
-_HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*(?::\d{1,5})?")
-_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,79}")
-_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
-_DIGEST = re.compile(r"sha256[:-]([0-9a-f]{64})")
-
-
-class InvalidName(ValueError):
-    """A model name that Ollama would refuse."""
 
 
 class StoreError(RuntimeError):
@@ -39,49 +27,6 @@ class StoreError(RuntimeError):
 def now_rfc3339() -> str:
     """The current time in RFC 3339 with microseconds, in UTC."""
     return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-@dataclass(frozen=True)
-class ModelName:
-    """A parsed `[host/][namespace/]name[:tag]`; the tag defaults to `latest`."""
-
-    path: str  # what comes before the tag, without the default registry and namespace
-    tag: str
-
-    @property
-    def full(self) -> str:
-        return f"{self.path}:{self.tag}"
-
-    @property
-    def base(self) -> str:
-        """The bare model name: no host, namespace or tag."""
-        return self.path.rsplit("/", 1)[-1]
-
-    @property
-    def namespace(self) -> str:
-        parts = self.path.split("/")
-        return parts[-2] if len(parts) > 1 else DEFAULT_NAMESPACE
-
-
-def parse_name(raw: str) -> ModelName:
-    """Parse and normalise a model name; raises InvalidName."""
-    text = raw.strip()
-    parts = text.split("/")
-    if not text or len(parts) > 3:
-        raise InvalidName(f"invalid model name {raw!r}")
-    last = parts[-1]
-    name, _, tag = last.partition(":")
-    tag = tag or "latest"
-    if len(parts) == 3 and not _HOST.fullmatch(parts[0]):
-        raise InvalidName(f"invalid model name {raw!r}")
-    namespaces = parts[1:-1] if len(parts) == 3 else parts[:-1]
-    if not all(_PART.fullmatch(p) for p in [*namespaces, name]) or not _TAG.fullmatch(tag):
-        raise InvalidName(f"invalid model name {raw!r}")
-    if len(parts) == 3 and parts[0] == DEFAULT_REGISTRY:
-        parts = parts[1:]
-    if len(parts) == 2 and parts[0] == DEFAULT_NAMESPACE:
-        parts = parts[1:]
-    return ModelName(path="/".join([*parts[:-1], name]), tag=tag)
 
 
 def name_digest(full_name: str) -> str:
@@ -193,12 +138,6 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def parse_digest(text: str) -> str | None:
-    """The hex of `sha256:<hex>` (or `sha256-<hex>`), or None if it is not one."""
-    match = _DIGEST.fullmatch(text)
-    return match.group(1) if match else None
 
 
 class BlobUpload:

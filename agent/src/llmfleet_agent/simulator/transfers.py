@@ -15,6 +15,8 @@ from typing import Any
 
 from aiohttp import web
 
+from ..modelfile import names_model, parse_modelfile
+from ..models import ModelName, parse_digest
 from .httpio import (
     ApiError,
     ClientGone,
@@ -28,9 +30,8 @@ from .httpio import (
     read_json,
 )
 from .logs import log
-from .modelfile import parse_modelfile
 from .state import STATE, SimState
-from .store import ModelName, ModelRecord, parse_digest
+from .store import ModelRecord
 
 MISSING_MANIFEST = "pull model manifest: file does not exist"
 MISSING_PREFIX = "nonexistent"  # models whose base name starts with this do not exist in the "registry"
@@ -199,7 +200,7 @@ def _source_plan(
         }
         if not modelfile.source:
             raise ApiError(400, "no FROM line in the modelfile")
-        if parse_digest(modelfile.source) or modelfile.source.startswith(("/", ".", "~")):
+        if not names_model(modelfile.source):
             return _from_path(target, modelfile.source), overrides
         return _from_model(state, modelfile.source, target), overrides
     raise ApiError(400, "neither 'from' or 'files' was specified")

@@ -52,3 +52,6 @@ class Store(Protocol):
 
     async def summarize_usage(self, since: float, by: str) -> list[UsageSummary]:
         """Requests, errors and tokens since `since`, grouped `by` key, model or day."""
+
+    async def prune(self, audit_before: float | None, usage_before: float | None) -> tuple[int, int]:
+        """Delete audit and usage records older than the given times (None: keep all); how many went."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -75,6 +77,12 @@ _SUMMARY = {
     ),
 }
 
+# the tables `prune` deletes from, a batch at a time: fixed SQL, never built from input
+_PRUNE = {
+    "audit": "DELETE FROM audit WHERE rowid IN (SELECT rowid FROM audit WHERE ts < ? LIMIT ?)",
+    "usage": "DELETE FROM usage WHERE rowid IN (SELECT rowid FROM usage WHERE ts < ? LIMIT ?)",
+}
+
 _SELECT_KEYS = (
     "SELECT id, name, role, hash, models, created, expires, revoked, last_used, max_concurrent, rpm FROM keys"
 )
@@ -102,7 +110,20 @@ def _key_from_row(row: tuple[Any, ...]) -> KeyRecord:
     )
 
 
+def _create_private(path: Path) -> None:
+    """The database, and the -wal and -shm files SQLite creates with its mode, readable by the owner only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            if file.stat().st_mode & 0o077:
+                file.chmod(0o600)
+
+
 class SQLiteStore:
+    # rows deleted per transaction when pruning, so the database is never locked for long
+    prune_batch = 5000
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self._conn: sqlite3.Connection | None = None
@@ -118,12 +139,11 @@ class SQLiteStore:
 
     async def open(self) -> None:
         def connect() -> sqlite3.Connection:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _create_private(self.path)
             conn = sqlite3.connect(self.path, check_same_thread=False, timeout=10)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.executescript(SCHEMA)
-            self.path.chmod(0o600)
             return conn
 
         self._conn = await asyncio.get_running_loop().run_in_executor(self._executor, connect)
@@ -201,3 +221,17 @@ class SQLiteStore:
         query = _SUMMARY[by]
         rows = await self._call(lambda c: c.execute(query, (since,)).fetchall())
         return [UsageSummary(str(g), int(n), int(e or 0), int(p or 0), int(t or 0)) for g, n, e, p, t in rows]
+
+    async def prune(self, audit_before: float | None, usage_before: float | None) -> tuple[int, int]:
+        audit = 0 if audit_before is None else await self._delete_before("audit", audit_before)
+        usage = 0 if usage_before is None else await self._delete_before("usage", usage_before)
+        return audit, usage
+
+    async def _delete_before(self, table: str, before: float) -> int:
+        """Delete in batches, one transaction each, so writers wait at most one batch."""
+        query, batch, deleted = _PRUNE[table], self.prune_batch, 0
+        while True:
+            n = await self._call(lambda c: c.execute(query, (before, batch)).rowcount)
+            deleted += n
+            if n < batch:
+                return deleted

@@ -1,14 +1,22 @@
-"""A small reader of the older `/api/create` Modelfile text (FROM, SYSTEM, TEMPLATE, PARAMETER, LICENSE)."""
+"""A small reader of the older `/api/create` Modelfile text (FROM, SYSTEM, TEMPLATE, PARAMETER, LICENSE).
+
+Ollama before its create rewrite read `modelfile` on the server; newer servers ignore the field (their
+client turns a Modelfile into `from` and `files`). The simulator reads it as the older servers did, and
+the agent checks every FROM line against a key's model patterns, since either kind of server may run.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
+from .models import parse_digest
+
 
 @dataclass
 class Modelfile:
-    source: str = ""
+    source: str = ""  # the last FROM line's value: the one the server uses
+    sources: list[str] = field(default_factory=list)  # every FROM line's value
     system: str | None = None
     template: str | None = None
     license: str | None = None
@@ -31,7 +39,7 @@ def _instructions(text: str) -> list[tuple[str, str]]:
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue
-        keyword, _, value = stripped.partition(" ")
+        keyword, value = [*stripped.split(None, 1), ""][:2]  # a tab separates them too
         value = value.strip()
         if value.startswith('"""') and (value.count('"""') == 1):
             rest = [value]
@@ -50,6 +58,7 @@ def parse_modelfile(text: str) -> Modelfile:
     for keyword, value in _instructions(text):
         if keyword == "FROM":
             parsed.source = value
+            parsed.sources.append(value)
         elif keyword == "SYSTEM":
             parsed.system = value
         elif keyword == "TEMPLATE":
@@ -73,3 +82,13 @@ def _add_parameter(parameters: dict[str, Any], key: str, value: str) -> None:
             continue
         return
     parameters[key] = value
+
+
+def names_model(source: str) -> bool:
+    """True when a FROM value names a model; False for a blob digest or a file path on the server."""
+    return not (parse_digest(source.lstrip("@")) or source.startswith(("/", ".", "~")))
+
+
+def models_named(text: str) -> list[str]:
+    """The models a Modelfile's FROM lines name (every line: a server may use any one of them)."""
+    return [source for source in parse_modelfile(text).sources if names_model(source)]
