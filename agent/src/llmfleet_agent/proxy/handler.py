@@ -174,7 +174,10 @@ async def _read_body(request: web.Request, ex: Exchange) -> bytes | None:
         return None
     limits = request.app[CONFIG].limits
     try:
-        raw = await asyncio.wait_for(request.read(), limits.body_timeout)
+        if request.content.is_eof():  # all there already (most bodies): no timer needed
+            raw = await request.read()
+        else:
+            raw = await asyncio.wait_for(request.read(), limits.body_timeout)
     except web.HTTPRequestEntityTooLarge:
         message = f"request body too large (limit {limits.max_body_bytes} bytes)"
         raise Refused(413, message, close=True) from None
