@@ -9,7 +9,7 @@ COLLECTION_LINK := .ansible/collections/ansible_collections/llmfleet/aws
 EMULATOR_PORT ?= 5000
 
 .PHONY: help demo test test-fast test-agent test-collection test-roles sanity lint format bench emulator emulator-stop \
-	system-deps venv clean
+	system-deps venv lock clean
 
 help:
 	@echo "make demo       run the agent on this machine (real ollama if on PATH, else the simulator)"
@@ -20,17 +20,29 @@ help:
 	@echo "make bench      the proxy against a direct connection; JSON under bench/results/"
 	@echo "make emulator   start the local AWS emulator on 127.0.0.1:$(EMULATOR_PORT) (make emulator-stop)"
 	@echo "make sanity     ansible-test sanity on the built collection"
+	@echo "make lock       pin the newest allowed versions in constraints.txt (on purpose; then make test)"
 
 system-deps:
 	@scripts/install-system-deps.sh
 
-# the virtual environment is rebuilt when a dependency list changes
-$(BIN)/.installed: agent/pyproject.toml requirements.txt requirements-dev.txt
+# the virtual environment is rebuilt when a dependency list or the pinned versions change; every version
+# comes from constraints.txt (made by `make lock`), so a fresh machine installs what was tested
+$(BIN)/.installed: agent/pyproject.toml requirements.txt requirements-dev.txt constraints.txt
 	@echo "==> creating $(VENV): the agent with its test tools, Ansible with the AWS collections, moto"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@$(BIN)/python -m pip install -q --upgrade pip
-	@$(BIN)/python -m pip install -q -e './agent[test]' -r requirements-dev.txt
+	@$(BIN)/python -m pip install -q -c constraints.txt --upgrade pip
+	@$(BIN)/python -m pip install -q -c constraints.txt -e './agent[test]' -r requirements-dev.txt
 	@touch $@
+
+# on purpose only: the newest versions the requirements allow, resolved in a throwaway venv, written to
+# constraints.txt (then `make venv` installs them; run `make test` before committing the new file)
+lock:
+	@echo "==> resolving the newest allowed versions in a throwaway venv (a few minutes)"
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	$(PYTHON) -m venv "$$tmp/venv"; \
+	"$$tmp/venv/bin/python" -m pip install -q --upgrade pip; \
+	"$$tmp/venv/bin/python" -m pip install -q './agent[test]' -r requirements-dev.txt; \
+	"$$tmp/venv/bin/python" scripts/lock.py --output constraints.txt
 
 $(COLLECTION_LINK):
 	@mkdir -p $(dir $@)

@@ -25,6 +25,14 @@ class PlaybookRun:
     def output(self) -> str:
         return self.stdout + self.stderr
 
+    def totals(self) -> dict[str, int]:
+        """The PLAY RECAP summed over every host (the controller and the GPU hosts)."""
+        rows = RECAP.findall(self.stdout)
+        if not rows:
+            raise AssertionError(f"no PLAY RECAP in:\n{self.output[-3000:]}")
+        names = ("ok", "changed", "unreachable", "failed")
+        return {name: sum(int(row[i + 1]) for row in rows) for i, name in enumerate(names)}
+
     def recap(self, host: str = "localhost") -> dict[str, int]:
         for name, ok, changed, unreachable, failed in RECAP.findall(self.stdout):
             if name == host:
@@ -38,10 +46,15 @@ class PlaybookRun:
 
 
 def ansible_playbook(
-    playbook: str, *args: str, env: dict[str, str] | None = None, timeout: float = 600
+    playbook: str,
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 600,
+    inventory: str = "inventories/local",
 ) -> PlaybookRun:
-    """Run ansible-playbook from the repository root (so ansible.cfg applies) with the local inventory."""
-    command = [str(BIN / "ansible-playbook"), "-i", "inventories/local", playbook, *args]
+    """Run ansible-playbook from the repository root (so ansible.cfg applies) with the local inventory
+    (`inventories/local/hosts.yml` alone: without the aws_ec2 source, which asks the emulator)."""
+    command = [str(BIN / "ansible-playbook"), "-i", inventory, playbook, *args]
     full_env = {
         **os.environ,
         "ANSIBLE_FORCE_COLOR": "0",

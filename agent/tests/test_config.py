@@ -72,6 +72,11 @@ def test_retention_is_a_duration_or_null() -> None:
     assert (defaults.audit_retention, defaults.usage_retention) == (90 * 86400, 400 * 86400)
     cfg = parse_config({"store": {"audit_retention": "2w", "usage_retention": None}}).store
     assert (cfg.audit_retention, cfg.usage_retention) == (14 * 86400, None)
+    # the collection's duration language (tests/unit/plugins/filter/test_rules.py): never is no limit
+    cfg = parse_config({"store": {"audit_retention": "1.5H", "usage_retention": "never"}}).store
+    assert (cfg.audit_retention, cfg.usage_retention) == (5400, None)
+    with pytest.raises(ConfigError, match=r"store\.audit_retention: .*greater than 0"):
+        parse_config({"store": {"audit_retention": "0s"}})
     with pytest.raises(ConfigError, match=r"store\.usage_retention: .*not a duration"):
         parse_config({"store": {"usage_retention": "a year"}})
 

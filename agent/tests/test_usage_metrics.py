@@ -101,6 +101,9 @@ def test_usage_command_summarises(ready_agent: AgentHandle) -> None:
     assert "tinyllama:latest" in table and "PROMPT TOKENS" in table
     bad = ready_agent.cli("usage", "--since", "whenever")
     assert bad.returncode == 1 and "--since" in bad.stderr
+    # a duration may say never (no limit), which is no window
+    never = ready_agent.cli("usage", "--since", "never")
+    assert never.returncode == 1 and "--since: 'never' has no start" in never.stderr
 
 
 def scrape(agent: AgentHandle) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

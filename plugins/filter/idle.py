@@ -233,8 +233,10 @@ def idle_report(summary: Mapping[str, Any]) -> list[str]:
 
 
 def wake_line(host: Mapping[str, Any]) -> str:
-    """One woken host: ready after how long, or why not."""
+    """One woken host: ready after how long, or why not (or why it could not be started)."""
     what = f"{host['name']} ({host['instance_id']}, was {host['state_before']})"
+    if host.get("started") is False:
+        return f"  NOT started  {what}: {host.get('reason') or 'no reason given'}"
     if host["ready"]:
         return f"  ready after {float(host['seconds']):.1f}s  {what}"
     return f"  NOT ready after {float(host['seconds']):.1f}s  {what}: {host.get('reason') or 'no answer'}"

@@ -125,15 +125,6 @@ def microsoft_ad_directories(client, module, name=None, skip_stages=("Deleted",)
     ]
 
 
-def find_directory(client, module, name):
-    """The description of the MicrosoftAD directory named `name` (not Deleted), or None."""
-    found = microsoft_ad_directories(client, module, name)
-    if len(found) > 1:
-        ids = ", ".join(d["DirectoryId"] for d in found)
-        module.fail_json(msg=f"Found {len(found)} directories named {name} ({ids}); expected at most one")
-    return found[0] if found else None
-
-
 def describe_directory(client, directory_id):
     """The description of one directory, or None when AWS no longer knows it. Raises AWS errors."""
     try:

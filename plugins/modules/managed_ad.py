@@ -28,17 +28,30 @@ author:
 options:
   state:
     description:
-      - V(present) creates the directory when no directory of that O(name) exists and updates its O(tags).
-      - V(absent) deletes the directory of that O(name), if any.
+      - V(present) creates the directory when no directory of that O(name) belongs to this deployment
+        (see O(match_tags)) and updates its O(tags).
+      - V(absent) deletes the directory of that O(name) that belongs to this deployment, if any; a directory
+        of the same name that does not is left alone.
     type: str
     choices: [present, absent]
     default: present
   name:
     description:
       - The fully qualified domain name of the directory, for example V(corp.example.com).
-      - It identifies the directory; it cannot be changed after creation.
+      - It identifies the directory together with O(vpc_id) and O(match_tags); it cannot be changed after
+        creation.
     type: str
     required: true
+  match_tags:
+    description:
+      - Keys of O(tags) whose values an existing directory of that O(name) must carry to be this one (for
+        example V(llmfleet:deployment)); when O(vpc_id) is set, the directory must be in that VPC too.
+      - With O(state=present), a directory of that O(name) that does not match (another VPC, another
+        deployment) makes the module fail, naming it, rather than adopt it.
+      - Empty (the default) matches on O(name) (and O(vpc_id), when set) alone.
+    type: list
+    elements: str
+    default: []
   short_name:
     description:
       - The NetBIOS name of the domain, for example V(CORP).
@@ -245,8 +258,8 @@ from ansible_collections.llmfleet.aws.plugins.module_utils.directory import (
     DirectoryWaitError,
     describe_directory,
     directory_result,
-    find_directory,
     get_tags,
+    microsoft_ad_directories,
     wait_until_active,
     wait_until_deleted,
 )
@@ -254,9 +267,8 @@ from ansible_collections.llmfleet.aws.plugins.module_utils.directory import (
 DEFAULT_EDITION = "Standard"
 
 
-def ensure_tags(client, module, directory_id):
-    """Bring the directory's tags to module.params['tags']; return (changed, tags afterwards)."""
-    current = get_tags(client, module, directory_id)
+def ensure_tags(client, module, directory_id, current):
+    """Bring the directory's tags (now `current`) to module.params['tags']; return (changed, tags after)."""
     wanted = module.params.get("tags")
     if wanted is None:
         return False, current
@@ -394,9 +406,50 @@ def create_directory(client, module):
     return dict(changed=True, **directory_result(directory, get_tags(client, module, directory_id)))
 
 
+def belongs(module, directory, tags):
+    """Whether `directory` (with its `tags`) is this module's: in O(vpc_id), carrying the O(match_tags)."""
+    params = module.params
+    wanted = params.get("tags") or {}
+    vpc = (directory.get("VpcSettings") or {}).get("VpcId")
+    if params.get("vpc_id") and vpc != params["vpc_id"]:
+        return False
+    return all(str(tags.get(key)) == str(wanted.get(key)) for key in params["match_tags"])
+
+
+def find_own_directory(client, module):
+    """(This deployment's directory of O(name) and its tags, or (None, None)), and the same-named others,
+    each with its tags."""
+    params = module.params
+    missing = [key for key in params["match_tags"] if key not in (params.get("tags") or {})]
+    if missing:
+        module.fail_json(msg=f"match_tags names {', '.join(missing)}, which tags does not set")
+    own, others = [], []
+    for directory in microsoft_ad_directories(client, module, params["name"]):
+        tags = get_tags(client, module, directory["DirectoryId"])
+        (own if belongs(module, directory, tags) else others).append((directory, tags))
+    if len(own) > 1:
+        ids = ", ".join(found[0]["DirectoryId"] for found in own)
+        module.fail_json(msg=f"Found {len(own)} directories {params['name']} of this deployment ({ids})")
+    return (own[0] if own else (None, None)), others
+
+
+def describe_other(directory, tags):
+    vpc = (directory.get("VpcSettings") or {}).get("VpcId")
+    tagged = ", ".join(f"{k}={v}" for k, v in sorted(tags.items())) or "no tags"
+    return f"{directory['DirectoryId']} (VPC {vpc}; {tagged})"
+
+
 def ensure_present(client, module):
     """Create the directory when absent, update its tags; return the module's result."""
-    directory = find_directory(client, module, module.params["name"])
+    (directory, tags), others = find_own_directory(client, module)
+    if directory is None and others:
+        params = module.params
+        wanted = {key: (params.get("tags") or {}).get(key) for key in params["match_tags"]}
+        module.fail_json(
+            msg=f"A directory named {params['name']} exists that is not this one (VPC {params.get('vpc_id')},"
+            f" {wanted}): {'; '.join(describe_other(d, t) for d, t in others)}. It is not adopted or changed;"
+            " choose another domain name, or remove that directory"
+        )
     if directory is None:
         return create_directory(client, module)
     directory_id, name = directory["DirectoryId"], directory.get("Name")
@@ -406,7 +459,7 @@ def ensure_present(client, module):
             **directory_result(directory),
         )
     warn_on_drift(module, directory)
-    changed, tags = ensure_tags(client, module, directory_id)
+    changed, tags = ensure_tags(client, module, directory_id, tags)
     if module.params["wait"] and not module.check_mode and directory.get("Stage") != "Active":
         directory = wait_for_active(client, module, directory_id)
     return dict(changed=changed, **directory_result(directory, tags))
@@ -415,7 +468,7 @@ def ensure_present(client, module):
 def ensure_absent(client, module):
     """Delete the directory when present; return the module's result."""
     name = module.params["name"]
-    directory = find_directory(client, module, name)
+    (directory, _tags), _others = find_own_directory(client, module)
     if directory is None:
         return dict(changed=False, directory_id=None, name=name)
     directory_id = directory["DirectoryId"]
@@ -452,6 +505,7 @@ def argument_spec():
     return dict(
         state=dict(type="str", choices=["present", "absent"], default="present"),
         name=dict(type="str", required=True),
+        match_tags=dict(type="list", elements="str", default=[]),
         short_name=dict(type="str"),
         edition=dict(type="str", choices=["Standard", "Enterprise"]),
         password=dict(type="str", no_log=True),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
@@ -18,8 +19,9 @@ from agent_fleet import free_port
 REGION = "us-east-1"
 
 
-@pytest.fixture(scope="session")
-def aws_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@contextlib.contextmanager
+def running_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A new, empty emulator on its own port: its URL, while the block runs."""
     if importlib.util.find_spec("moto") is None:
         message = "moto is not installed (make test installs it)"
         if os.environ.get("CI") == "true":
@@ -34,9 +36,8 @@ def aws_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         emulator.stop(port, state)
 
 
-@pytest.fixture(scope="session")
-def aws(aws_endpoint: str) -> Any:
-    """A boto3 client factory for the emulator."""
+def client_factory(endpoint: str) -> Any:
+    """A boto3 client factory for the emulator at `endpoint`."""
     import boto3
 
     session = boto3.session.Session(
@@ -44,6 +45,18 @@ def aws(aws_endpoint: str) -> Any:
     )
 
     def client(service: str) -> Any:
-        return session.client(service, endpoint_url=aws_endpoint)
+        return session.client(service, endpoint_url=endpoint)
 
     return client
+
+
+@pytest.fixture(scope="session")
+def aws_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with running_emulator(tmp_path_factory) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def aws(aws_endpoint: str) -> Any:
+    """A boto3 client factory for the emulator."""
+    return client_factory(aws_endpoint)

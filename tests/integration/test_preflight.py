@@ -9,10 +9,14 @@ from playbook_runs import ansible_playbook
 
 # nothing listens here: a preflight that let the play reach AWS would fail with a connection error instead
 NO_AWS = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
+# the local inventory without its aws_ec2 source (which would ask the absent AWS for the GPU hosts)
+NO_AWS_INVENTORY = "inventories/local/hosts.yml"
 
 
 def fails(playbook: str, **overrides: object) -> str:
-    run = ansible_playbook(playbook, "-e", json.dumps(overrides), env=NO_AWS, timeout=120)
+    run = ansible_playbook(
+        playbook, "-e", json.dumps(overrides), env=NO_AWS, timeout=120, inventory=NO_AWS_INVENTORY
+    )
     assert run.returncode != 0, run.output[-3000:]
     assert "Could not connect" not in run.output and "EndpointConnectionError" not in run.output
     return run.output
@@ -55,3 +59,17 @@ def test_gpu_hosts_preflight(hosts: list[dict[str, object]], named: str) -> None
 def test_database_preflight_names_the_deployment_setting() -> None:
     output = fails("playbooks/database.yml", llmfleet_database_backup_retention_days=3)
     assert "llmfleet_database_backup_retention_days" in output
+
+
+def test_gpu_hosts_preflight_checks_each_hosts_instance_types() -> None:
+    hosts = [
+        {"name": "gpu-a", "instance_types": []},
+        {"name": "gpu-b", "instance_types": ["g6.xlarge", "g6.xlarge"]},
+        {"name": "gpu-c", "instance_type": "g5.xlarge", "instance_types": ["g6.xlarge"]},
+        {"name": "gpu-d", "instance_types": ["g6.xlarge", "a big one"]},
+    ]
+    output = " ".join(fails("playbooks/gpu_hosts.yml", llmfleet_gpu_hosts=hosts).split())
+    for index in (0, 1, 3):
+        assert f"gpu_hosts_hosts[{index}]" in output
+    assert "instance_type is required (g5.xlarge), or instance_types: EC2 types by preference" in output
+    assert "gpu_hosts_hosts[2]" in output and "give instance_types or instance_type, not both" in output

@@ -1,6 +1,7 @@
 """site.yml against the emulator, end to end: build, converge (changed=0), check mode, what AWS holds,
 the summary, this machine configured as the GPU host (inventories/local), and teardown. The tests run in
-file order on one deployment."""
+file order on one deployment, in an emulator of their own that starts empty: the first site.yml run finds
+its GPU host as production does, through the aws_ec2 inventory, after creating it."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 import yaml
 from agent_fleet import bearer, free_port, http, wait_until
+from conftest import client_factory, running_emulator
 from playbook_runs import PlaybookRun, ansible_playbook
 from support import Proc
 
@@ -20,16 +23,18 @@ pytestmark = pytest.mark.slow
 
 DEPLOYMENT = "itest"
 TAG = {"Name": "tag:llmfleet:deployment", "Values": [DEPLOYMENT]}
+DEPLOYMENT_TAG = {"Key": "llmfleet:deployment", "Value": DEPLOYMENT}
 
 
 class Deployment:
     def __init__(self, endpoint: str, state_dir: Path) -> None:
-        self.env = {"AWS_ENDPOINT_URL": endpoint}
+        # the inventory (its group_vars and its aws_ec2 file alike) takes the deployment from the environment
+        self.env = {"AWS_ENDPOINT_URL": endpoint, "LLMFLEET_DEPLOYMENT": DEPLOYMENT}
         self.state_dir = state_dir
         # the host stage configures this machine: ports nothing else uses (the demo's are 8443, 21434)
         self.agent_port = free_port()
         self.extra = [
-            *("-e", f"llmfleet_deployment={DEPLOYMENT}", "-e", f"llmfleet_state_dir={state_dir}"),
+            *("-e", f"llmfleet_state_dir={state_dir}"),
             *("-e", f"llmfleet_agent_port={self.agent_port}"),
             *("-e", f"llmfleet_agent_ollama_port={free_port()}"),
         ]
@@ -42,23 +47,56 @@ class Deployment:
 
 
 @pytest.fixture(scope="module")
-def deployment(aws_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+def aws_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """This module's own emulator, empty at the start (as a fresh account)."""
+    with running_emulator(tmp_path_factory) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def aws(aws_endpoint: str) -> Any:
+    return client_factory(aws_endpoint)
+
+
+@pytest.fixture(scope="module")
+def deployment(aws_endpoint: str, aws: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    assert aws("ec2").describe_instances()["Reservations"] == []  # nothing there before the run
     dep = Deployment(aws_endpoint, tmp_path_factory.mktemp("state"))
     first = dep.play("site.yml", "-v")
     assert first.returncode == 0, first.output[-5000:]
     yield dep
 
 
+def test_one_run_finds_the_gpu_host_it_made_through_the_aws_ec2_inventory(
+    deployment: Deployment, aws: Any
+) -> None:
+    """The inventory had no GPU host when the first run started; it configured the one it created."""
+    first = deployment.runs[0]
+    gpu_a = [
+        instance
+        for reservation in aws("ec2").describe_instances(
+            Filters=[TAG, {"Name": "tag:llmfleet:host", "Values": ["gpu-a"]}]
+        )["Reservations"]
+        for instance in reservation["Instances"]
+    ]
+    assert len(gpu_a) == 1
+    address = gpu_a[0]["PrivateIpAddress"]
+    assert f"ok: [{address}]" in first.output or f"changed: [{address}]" in first.output
+    assert first.recap(address)["failed"] == 0, first.output[-5000:]
+    config = yaml.safe_load((deployment.state_dir / "host/etc/llmfleet/agent.yaml").read_text())
+    assert config["listen"]["port"] == deployment.agent_port
+
+
 def test_second_run_changes_nothing(deployment: Deployment) -> None:
     second = deployment.play("site.yml")
     assert second.returncode == 0, second.output[-5000:]
-    assert second.recap()["changed"] == 0, second.output[-8000:]
+    assert second.totals()["changed"] == 0, second.output[-8000:]
 
 
 def test_check_mode_on_a_converged_deployment_changes_nothing(deployment: Deployment) -> None:
     check = deployment.play("site.yml", "--check")
     assert check.returncode == 0, check.output[-5000:]
-    assert check.recap()["changed"] == 0, check.output[-8000:]
+    assert check.totals()["changed"] == 0, check.output[-8000:]
 
 
 def vpc_id(aws: Any) -> str:
@@ -130,6 +168,18 @@ def test_directory_is_active_with_two_dns_addresses(deployment: Deployment, aws:
     assert directory["Stage"] == "Active"
     assert len(directory["DnsIpAddrs"]) == 2
     assert directory["VpcSettings"]["VpcId"] == vpc_id(aws)
+    # directory_vpc_dns=none (the default): the VPC keeps its own resolver, no host's DNS needs the directory
+    ec2 = aws("ec2")
+    options_id = ec2.describe_vpcs(VpcIds=[vpc_id(aws)])["Vpcs"][0].get("DhcpOptionsId", "default")
+    if options_id != "default":
+        options = ec2.describe_dhcp_options(DhcpOptionsIds=[options_id])["DhcpOptions"][0]
+        servers = [
+            v["Value"]
+            for c in options["DhcpConfigurations"]
+            if c["Key"] == "domain-name-servers"
+            for v in c["Values"]
+        ]
+        assert not set(servers) & set(directory["DnsIpAddrs"]), servers
 
 
 def test_gpu_instances_run_in_private_subnets_with_profile_and_tags(deployment: Deployment, aws: Any) -> None:
@@ -154,6 +204,74 @@ def test_gpu_instances_run_in_private_subnets_with_profile_and_tags(deployment: 
         assert f"{DEPLOYMENT}-gpu-host" in instance["IamInstanceProfile"]["Arn"]
     models = sorted({t["Value"] for i in instances for t in i["Tags"] if t["Key"] == "llmfleet:models"})
     assert models == ["llama3.1:8b", "mistral:7b,nomic-embed-text"]
+
+
+SSM_CORE = "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"
+CLOUDWATCH_AGENT = "arn:aws:iam::aws:policy/CloudWatchAgentServerPolicy"
+
+
+def host_role_grants(aws: Any) -> dict[str, Any]:
+    """What the GPU hosts' instance role grants, read back from IAM: managed and inline policies."""
+    iam, role = aws("iam"), f"{DEPLOYMENT}-gpu-host"
+    attached = iam.list_attached_role_policies(RoleName=role)["AttachedPolicies"]
+    inline = {}
+    for name in iam.list_role_policies(RoleName=role)["PolicyNames"]:
+        document = iam.get_role_policy(RoleName=role, PolicyName=name)["PolicyDocument"]
+        inline[name] = json.loads(unquote(document)) if isinstance(document, str) else document
+    return {"managed": sorted(p["PolicyArn"] for p in attached), "inline": inline}
+
+
+def test_gpu_hosts_role_grants_session_manager_and_nothing_else(deployment: Deployment, aws: Any) -> None:
+    """The hosts read no secret and no parameter, and run no CloudWatch agent: Session Manager only."""
+    assert host_role_grants(aws) == {"managed": [SSM_CORE], "inline": {}}
+    (profile,) = [
+        p
+        for p in aws("iam").list_instance_profiles()["InstanceProfiles"]
+        if p["InstanceProfileName"] == f"{DEPLOYMENT}-gpu-host"
+    ]
+    assert [r["RoleName"] for r in profile["Roles"]] == [f"{DEPLOYMENT}-gpu-host"]
+
+
+def test_a_secret_the_hosts_read_is_granted_by_one_list_entry(deployment: Deployment, aws: Any) -> None:
+    account = aws("sts").get_caller_identity()["Account"]
+    grants = {
+        "llmfleet_gpu_readable_secrets": ["database-gpu-host"],
+        "llmfleet_gpu_readable_parameters": ["agent/log-level"],
+        "llmfleet_gpu_cloudwatch_agent": True,
+    }
+    run = deployment.play("playbooks/gpu_hosts.yml", "-e", json.dumps(grants))
+    assert run.returncode == 0, run.output[-5000:]
+    assert host_role_grants(aws) == {
+        "managed": sorted([SSM_CORE, CLOUDWATCH_AGENT]),
+        "inline": {
+            "llmfleet-deployment-config": {
+                "Version": "2012-10-17",
+                "Statement": [
+                    {
+                        "Sid": "ReadOwnSecrets",
+                        "Effect": "Allow",
+                        "Action": ["secretsmanager:GetSecretValue"],
+                        # exactly that secret: AWS appends six random characters to a secret's ARN
+                        "Resource": [
+                            f"arn:aws:secretsmanager:*:{account}:secret:llmfleet/{DEPLOYMENT}/database-gpu-host-??????"
+                        ],
+                    },
+                    {
+                        "Sid": "ReadOwnParameters",
+                        "Effect": "Allow",
+                        "Action": ["ssm:GetParameter", "ssm:GetParameters"],
+                        "Resource": [
+                            f"arn:aws:ssm:*:{account}:parameter/llmfleet/{DEPLOYMENT}/agent/log-level"
+                        ],
+                    },
+                ],
+            }
+        },
+    }
+    # back to the deployment's own description: the grants go again
+    back = deployment.play("playbooks/gpu_hosts.yml")
+    assert back.returncode == 0, back.output[-5000:]
+    assert host_role_grants(aws) == {"managed": [SSM_CORE], "inline": {}}
 
 
 def test_passwords_are_in_secrets_manager_and_never_in_the_output(deployment: Deployment, aws: Any) -> None:
@@ -231,7 +349,7 @@ def test_a_key_taken_off_the_list_is_revoked_on_the_host(deployment: Deployment)
     assert after["demo-user"]["revoked"] is not None, after
     assert after["demo-operator"]["revoked"] is None, after
     again = deployment.play("playbooks/configure.yml", "-e", only_operator)
-    assert again.returncode == 0 and again.recap()["changed"] == 0, again.output[-5000:]
+    assert again.returncode == 0 and again.totals()["changed"] == 0, again.output[-5000:]
 
 
 def tagged(aws: Any) -> list[str]:
@@ -274,11 +392,200 @@ def tagged(aws: Any) -> list[str]:
     return left
 
 
+def instances(aws: Any, *filters: dict[str, Any]) -> list[dict[str, Any]]:
+    reservations = aws("ec2").describe_instances(Filters=[TAG, *filters])["Reservations"]
+    return [i for r in reservations for i in r["Instances"]]
+
+
+def footprint(aws: Any) -> dict[str, set[str]]:
+    """The ids of what the deployment holds that a tag or a name prefix does not find after a teardown:
+    what lives in its VPC, its instances' volumes and spot requests, its NAT gateways' addresses."""
+    ec2 = aws("ec2")
+    vpcs = {v["VpcId"] for v in ec2.describe_vpcs(Filters=[TAG])["Vpcs"]}
+    subnets = {s["SubnetId"] for s in ec2.describe_subnets(Filters=[TAG])["Subnets"]}
+    hosts = instances(aws)
+    nats = [n for n in ec2.describe_nat_gateways()["NatGateways"] if n["VpcId"] in vpcs]
+    return {
+        "vpcs": vpcs,
+        "subnets": subnets,
+        "instances": {i["InstanceId"] for i in hosts},
+        "volumes": {m["Ebs"]["VolumeId"] for i in hosts for m in i.get("BlockDeviceMappings", [])},
+        "spot requests": {i["SpotInstanceRequestId"] for i in hosts if i.get("SpotInstanceRequestId")},
+        "nat gateways": {n["NatGatewayId"] for n in nats},
+        "addresses": {a["AllocationId"] for n in nats for a in n.get("NatGatewayAddresses", [])},
+    }
+
+
+def leftovers(aws: Any, before: dict[str, set[str]]) -> list[str]:
+    """Everything of the deployment the emulator still holds that bills or blocks, as "kind id", by every
+    resource type site.yml creates: by the deployment's tag or name prefix, and by the ids in `before`."""
+    ec2, prefix = aws("ec2"), f"{DEPLOYMENT}-"
+    vpcs, subnets = before["vpcs"], before["subnets"]
+    left = [f"vpc {v['VpcId']}" for v in ec2.describe_vpcs()["Vpcs"] if v["VpcId"] in vpcs]
+    left += [f"vpc {v['VpcId']}" for v in ec2.describe_vpcs(Filters=[TAG])["Vpcs"] if v["VpcId"] not in vpcs]
+    left += [f"subnet {s['SubnetId']}" for s in ec2.describe_subnets()["Subnets"] if s["SubnetId"] in subnets]
+    left += [f"subnet {s['SubnetId']}" for s in ec2.describe_subnets(Filters=[TAG])["Subnets"]]
+    left += [
+        f"security group {g['GroupId']}"
+        for g in ec2.describe_security_groups()["SecurityGroups"]
+        if g.get("VpcId") in vpcs or DEPLOYMENT_TAG in g.get("Tags", [])
+    ]
+    left += [
+        f"instance {i['InstanceId']} ({i['State']['Name']})"
+        for r in ec2.describe_instances()["Reservations"]
+        for i in r["Instances"]
+        if i["State"]["Name"] != "terminated"
+        and (
+            i.get("SubnetId") in subnets
+            or i["InstanceId"] in before["instances"]
+            or DEPLOYMENT_TAG in i.get("Tags", [])
+        )
+    ]
+    left += [
+        f"spot request {r['SpotInstanceRequestId']} ({r['State']})"
+        for r in ec2.describe_spot_instance_requests()["SpotInstanceRequests"]
+        if r["State"] in ("open", "active", "disabled")
+        and (
+            r["SpotInstanceRequestId"] in before["spot requests"]
+            or r.get("InstanceId") in before["instances"]
+            or r["LaunchSpecification"].get("SubnetId") in subnets
+        )
+    ]
+    left += [
+        f"volume {v['VolumeId']}"
+        for v in ec2.describe_volumes()["Volumes"]
+        if v["VolumeId"] in before["volumes"] and v["State"] != "deleted"
+    ]
+    left += [
+        f"network interface {n['NetworkInterfaceId']}"
+        for n in ec2.describe_network_interfaces()["NetworkInterfaces"]
+        if n.get("SubnetId") in subnets
+    ]
+    left += [
+        f"nat gateway {n['NatGatewayId']}"
+        for n in ec2.describe_nat_gateways()["NatGateways"]
+        if n["State"] not in ("deleted", "deleting")
+        and (n["NatGatewayId"] in before["nat gateways"] or n["VpcId"] in vpcs)
+    ]
+    left += [
+        f"address {a['AllocationId']}"
+        for a in ec2.describe_addresses()["Addresses"]
+        if a["AllocationId"] in before["addresses"] or DEPLOYMENT_TAG in a.get("Tags", [])
+    ]
+    left += [
+        f"route table {t['RouteTableId']}"
+        for t in ec2.describe_route_tables()["RouteTables"]
+        if t["VpcId"] in vpcs or DEPLOYMENT_TAG in t.get("Tags", [])
+    ]
+    left += [
+        f"internet gateway {g['InternetGatewayId']}"
+        for g in ec2.describe_internet_gateways()["InternetGateways"]
+        if {a["VpcId"] for a in g.get("Attachments", [])} & vpcs or DEPLOYMENT_TAG in g.get("Tags", [])
+    ]
+    left += [
+        f"vpc endpoint {e['VpcEndpointId']}"
+        for e in ec2.describe_vpc_endpoints()["VpcEndpoints"]
+        if e["VpcId"] in vpcs and e["State"].lower() not in ("deleted", "deleting")
+    ]
+    left += [
+        f"dhcp options {d['DhcpOptionsId']}" for d in ec2.describe_dhcp_options(Filters=[TAG])["DhcpOptions"]
+    ]
+    left += [
+        f"launch template {t['LaunchTemplateName']}"
+        for t in ec2.describe_launch_templates()["LaunchTemplates"]
+        if t["LaunchTemplateName"].startswith(prefix)
+    ]
+    left += [
+        f"key pair {k['KeyName']}"
+        for k in ec2.describe_key_pairs()["KeyPairs"]
+        if k["KeyName"].startswith(prefix)
+    ]
+    iam = aws("iam")
+    left += [
+        f"iam role {r['RoleName']}" for r in iam.list_roles()["Roles"] if r["RoleName"].startswith(prefix)
+    ]
+    left += [
+        f"instance profile {p['InstanceProfileName']}"
+        for p in iam.list_instance_profiles()["InstanceProfiles"]
+        if p["InstanceProfileName"].startswith(prefix)
+    ]
+    left += [
+        f"directory {d['DirectoryId']}"
+        for d in aws("ds").describe_directories()["DirectoryDescriptions"]
+        if d["Name"] == "corp.example.com" or d.get("VpcSettings", {}).get("VpcId") in vpcs
+    ]
+    rds = aws("rds")
+    left += [
+        f"db instance {d['DBInstanceIdentifier']}"
+        for d in rds.describe_db_instances()["DBInstances"]
+        if d["DBInstanceIdentifier"].startswith(prefix)
+    ]
+    left += [
+        f"db subnet group {g['DBSubnetGroupName']}"
+        for g in rds.describe_db_subnet_groups()["DBSubnetGroups"]
+        if g["DBSubnetGroupName"].startswith(prefix)
+    ]
+    left += [
+        f"db parameter group {g['DBParameterGroupName']}"
+        for g in rds.describe_db_parameter_groups()["DBParameterGroups"]
+        if g["DBParameterGroupName"].startswith(prefix)
+    ]
+    # not production: no final snapshot is kept
+    left += [
+        f"db snapshot {s['DBSnapshotIdentifier']}"
+        for s in rds.describe_db_snapshots()["DBSnapshots"]
+        if s["DBSnapshotIdentifier"].startswith(prefix)
+    ]
+    # a secret scheduled for deletion is on its way out (and not billed): only the others count
+    left += [
+        f"secret {s['Name']}"
+        for s in aws("secretsmanager").list_secrets(IncludePlannedDeletion=True)["SecretList"]
+        if s["Name"].startswith(f"llmfleet/{DEPLOYMENT}/") and "DeletedDate" not in s
+    ]
+    parameters = aws("ssm").get_parameters_by_path(Path=f"/llmfleet/{DEPLOYMENT}", Recursive=True)[
+        "Parameters"
+    ]
+    left += [f"parameter {p['Name']}" for p in parameters]
+    return left
+
+
 def test_teardown_needs_confirmation_then_removes_everything(deployment: Deployment, aws: Any) -> None:
     refused = deployment.play("playbooks/teardown.yml")
     assert refused.returncode != 0 and "confirm_teardown" in refused.output
     assert tagged(aws), "the refused teardown removed something"
+
+    # what teardown must handle too. A spot host that the idle sweep stopped: its persistent request is then
+    # `disabled`, and terminating the host without cancelling it launches a new one (subnets cannot go, the
+    # bill goes on). A key's secret that no list names any more, and a parameter of the deployment.
+    ec2 = aws("ec2")
+    (spot_host,) = instances(aws, {"Name": "tag:llmfleet:host", "Values": ["gpu-b"]})
+    request_id = spot_host["SpotInstanceRequestId"]
+    ec2.stop_instances(InstanceIds=[spot_host["InstanceId"]])
+    (request,) = ec2.describe_spot_instance_requests(SpotInstanceRequestIds=[request_id])[
+        "SpotInstanceRequests"
+    ]
+    assert (request["State"], request["Type"]) == ("disabled", "persistent")
+    secrets = aws("secretsmanager")
+    secrets.create_secret(Name=f"llmfleet/{DEPLOYMENT}/agent-key/retired", SecretString="k" * 48)
+    aws("ssm").put_parameter(Name=f"/llmfleet/{DEPLOYMENT}/agent/log-level", Value="info", Type="String")
+    before = footprint(aws)
+    assert before["spot requests"] == {request_id} and before["addresses"] and before["volumes"]
+    assert leftovers(aws, before), "nothing to tear down"
+
     for attempt in (1, 2):  # running it twice is fine
         run = deployment.play("playbooks/teardown.yml", "-e", f"confirm_teardown={DEPLOYMENT}")
         assert run.returncode == 0, f"teardown {attempt}: {run.output[-5000:]}"
+    assert leftovers(aws, before) == []
     assert tagged(aws) == []
+    (request,) = ec2.describe_spot_instance_requests(SpotInstanceRequestIds=[request_id])[
+        "SpotInstanceRequests"
+    ]
+    assert request["State"] == "cancelled"
+    # the database's master password stays recoverable (final snapshots restore with it); no other secret does
+    kept = [
+        s
+        for s in secrets.list_secrets(IncludePlannedDeletion=True)["SecretList"]
+        if s["Name"].startswith(f"llmfleet/{DEPLOYMENT}/")
+    ]
+    assert [s["Name"] for s in kept] == [f"llmfleet/{DEPLOYMENT}/database-master"]
+    assert "DeletedDate" in kept[0]

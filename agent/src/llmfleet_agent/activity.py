@@ -1,8 +1,10 @@
 """Activity: what is in flight, when the host was last used, and draining.
 
 `idle_seconds` is 0 while anything is in flight, else the seconds since the last request finished, since
-the agent started, or since the last resume, whichever is latest. The event loop runs one step at a time,
-so `drain()` decides and refuses new work in one step: no request can slip in between.
+the agent started, or since the last resume, whichever is latest. Only requests that are use of the host
+(inference and model management, `proxy.routes.Kind.counts_as_use`) begin here; model lists and metadata
+do not, nor are they refused while draining. The event loop runs one step at a time, so `drain()` decides
+and refuses new work in one step: no request can slip in between.
 """
 
 from __future__ import annotations

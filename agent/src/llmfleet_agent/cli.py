@@ -210,6 +210,8 @@ def cmd_usage(cfg: Config, args: argparse.Namespace) -> int:
         window = parse_duration(args.since)
     except ValueError as exc:
         raise CliError(f"--since: {exc}") from None
+    if window is None:
+        raise CliError(f"--since: {args.since!r} has no start; give a duration such as 7d")
     since = time.time() - window
     rows: list[UsageSummary] = _run_store(cfg, lambda store: store.summarize_usage(since, args.by))
     if args.json:
@@ -385,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--name", required=True, help="who or what the key is for")
     create.add_argument("--role", required=True, choices=[r.value for r in Role])
     create.add_argument("--models", nargs="+", metavar="PATTERN", help="limit the key to these model globs")
-    create.add_argument("--expires", metavar="DURATION", help="lifetime, e.g. 30d, 12h")
+    create.add_argument("--expires", metavar="DURATION", help="lifetime, e.g. 30d, 12h (default: never)")
     create.add_argument(
         "--max-concurrent", type=_positive, metavar="N", help="requests at once (default: config)"
     )

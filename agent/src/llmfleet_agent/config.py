@@ -6,6 +6,7 @@ or a bad value raises `ConfigError` with a message that names the key (for examp
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -28,26 +29,50 @@ DEFAULT_STATE_DIR = Path("/var/lib/llmfleet-agent")
 Port = Annotated[int, Field(ge=1, le=65535)]
 Seconds = Annotated[float, Field(gt=0)]
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*([smhdw]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+# the words for no limit: a retention that keeps everything, a key that never expires
+NEVER = ("never", "off", "always-on")
+_FORMS = "seconds, or a number with s, m, h, d or w such as 30m or 1.5h, or never"
 
 
 class ConfigError(Exception):
     """A configuration that cannot be used; the message names the offending key."""
 
 
-def parse_duration(value: str | float | int) -> float:
-    """`30`, `30s`, `15m`, `2h`, `7d`, `1w` -> seconds."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    match = _DURATION.match(str(value))
-    if not match:
-        raise ValueError(f"{value!r} is not a duration (use a number of seconds or 30s, 15m, 2h, 7d, 1w)")
-    return float(match.group(1)) * _UNITS[match.group(2)]
+def parse_duration(value: str | float | int) -> float | None:
+    """Seconds in `value`: a number, or a number with a unit s, m, h, d or w (`90`, `15m`, `1.5h`, `1w`).
+
+    Case and surrounding spaces do not matter; `never`, `off` and `always-on` give None (no limit).
+    Anything else (a negative or non-finite number, a boolean, another word) raises ValueError. The same
+    language as the collection's filter llmfleet.aws.duration_seconds (plugins/filter/duration.py), which
+    cannot import this package: tests/unit/plugins/filter/test_rules.py holds both to one table.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"{value!r} is not a duration ({_FORMS})")
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in NEVER:
+            return None
+        match = _DURATION.match(text)
+        if not match:
+            raise ValueError(f"{value!r} is not a duration ({_FORMS})")
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    else:
+        seconds = float(value)
+    if not math.isfinite(seconds):
+        raise ValueError(f"{value!r} is not a duration ({_FORMS})")
+    if seconds < 0:
+        raise ValueError(f"{value!r} is negative")
+    return seconds
 
 
-# a duration in the file: a number of seconds or 30s, 15m, 2h, 7d, 1w
-Duration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+def _duration_or_null(value: object) -> float | None:
+    return None if value is None else parse_duration(value)  # type: ignore[arg-type]
+
+
+# a duration in the file (a number of seconds or 30s, 15m, 2h, 7d, 1w), or null or never for no limit
+Duration = Annotated[Annotated[float, Field(gt=0)] | None, BeforeValidator(_duration_or_null)]
 
 
 class _Section(BaseModel):
@@ -151,6 +176,10 @@ class IdleConfig(_Section):
 
 class ProbesConfig(_Section):
     interval: Seconds = 5.0
+    # /readyz is 503 "no GPU visible" while NVML sees no GPU or /dev/nvidia-uvm is missing (a GPU host
+    # without its driver, module or device file would run Ollama on the CPU); off by default, so hosts
+    # without a GPU (the demo, the tests) work
+    require_gpu: bool = False
 
 
 class LimitsConfig(_Section):

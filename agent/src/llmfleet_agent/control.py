@@ -17,6 +17,7 @@ from .http_errors import json_error
 from .logs import event
 from .metrics import CONTENT_TYPE
 from .openapi import openapi_json
+from .probes import gpu_missing
 from .roles import Role
 from .store import AuditRecord
 from .supervisor import State
@@ -41,6 +42,10 @@ def not_ready_reasons(app: web.Application) -> list[str]:
             else:
                 done = f" {100 * pull.completed // pull.total}%" if pull.total else ""
                 reasons.append(f"model missing: {model} (pulling: {pull.status}{done})")
+    if app[CONFIG].probes.require_gpu:
+        missing = gpu_missing(app[PROBES].results)
+        if missing:
+            reasons.append(missing)
     if app[ACTIVITY].draining:
         reasons.append("draining")
     return reasons

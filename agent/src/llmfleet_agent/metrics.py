@@ -33,7 +33,11 @@ class _LiveState(Collector):
 
     def collect(self) -> Iterator[Metric]:
         figures = self._activity.figures()
-        yield GaugeMetricFamily("llmfleet_inflight_requests", "Proxied requests in flight", figures.inflight)
+        yield GaugeMetricFamily(
+            "llmfleet_inflight_requests",
+            "Inference and model-management requests in flight (model lists and metadata are not counted)",
+            figures.inflight,
+        )
         yield GaugeMetricFamily(
             "llmfleet_idle_seconds", "Seconds since the host was last used", figures.idle_seconds
         )

@@ -90,7 +90,10 @@ _FIGURES = {"$ref": "#/components/schemas/IdleFigures"}
 _CONTROL: dict[str, dict[str, Any]] = {
     "healthz": {"summary": "Liveness: 200 while the agent serves"},
     "readyz": {
-        "summary": "Readiness: Ollama running, the configured models present, not draining",
+        "summary": (
+            "Readiness: Ollama running, the configured models present, a GPU visible when "
+            "`probes.require_gpu`, not draining"
+        ),
         "responses": {
             "503": {
                 "description": "not ready; the reasons joined by `; `",

@@ -233,6 +233,25 @@ def gpu_busy(results: dict[str, ProbeResult], threshold: float) -> bool:
     return any(device["utilization_percent"] > threshold for device in gpu.data)
 
 
+# CUDA's unified-memory device: NVML works without it, CUDA (and so Ollama on the GPU) does not
+UVM_DEVICE = Path("/dev/nvidia-uvm")
+
+
+def gpu_missing(results: dict[str, ProbeResult], uvm_device: Path = UVM_DEVICE) -> str | None:
+    """Why no GPU is usable, from the last sample (never NVML itself: readiness must not wait on it)."""
+    gpu = results.get("gpu")
+    if gpu is None:
+        return "no GPU visible (not sampled)"
+    if gpu.status != "ok":
+        return f"no GPU visible ({gpu.reason})"
+    if not uvm_device.exists():
+        return (
+            f"no GPU visible (NVML sees {len(gpu.data)} GPU(s), but {uvm_device} is missing: nvidia-uvm is "
+            "not loaded, and CUDA cannot start without it)"
+        )
+    return None
+
+
 def logins_open(results: dict[str, ProbeResult]) -> bool:
     logins = results.get("logins")
     return logins is not None and logins.status == "ok" and logins.data["sessions"] > 0

@@ -1,10 +1,11 @@
 """Forwarding one request to Ollama: checks, then a byte-for-byte stream in both directions, then a record.
 
 Order of checks: per-key limits (429, counted from the moment the key is known) -> body (408, 413, 400)
--> model rights (403) -> Ollama RUNNING, agent stopping, draining (503; nothing awaits between these and
-the forwarding). Only then is the request in flight. Every outcome, refusals included, leaves one usage
-record; a failure writing to the client is the client's (499), one reading from Ollama is Ollama's (502,
-504 when it stalls past `proxy.read_timeout`).
+-> model rights (403) -> Ollama RUNNING, agent stopping, draining (503, reads excepted; nothing awaits
+between these and the forwarding). Only then is the request in flight (reads never count as in flight:
+`Kind.counts_as_use`). Every outcome, refusals included, leaves one usage record; a failure writing to
+the client is the client's (499), one reading from Ollama is Ollama's (502, 504 when it stalls past
+`proxy.read_timeout`).
 """
 
 from __future__ import annotations
@@ -323,14 +324,16 @@ async def _admit_and_forward(request: web.Request, ex: Exchange, body: bytes | N
     if cut is None:
         raise Refused(503, f"{SHUTTING_DOWN}; retry on another host", retry, reason="stopping")
     activity = app[ACTIVITY]
-    if not activity.try_begin():
+    use = ex.spec.kind.counts_as_use  # reads neither keep the host awake nor are refused while draining
+    if use and not activity.try_begin():
         gate.leave()
         raise Refused(503, "draining: this host is about to stop; retry later", retry, reason="draining")
     ex.cut = cut
     try:
         return await _forward(request, ex, body)
     finally:
-        activity.end()
+        if use:
+            activity.end()
         gate.leave()
 
 

@@ -13,6 +13,16 @@ class Kind(str, enum.Enum):
     READ = "read"  # lists, shows, version
     MANAGE = "manage"  # changes the models on the host (admin)
 
+    @property
+    def counts_as_use(self) -> bool:
+        """In flight and moving `last_activity` (so the host is not idle), and refused while draining.
+
+        Reads are what frontends, load balancers and dashboards poll: were they use, a polled host would
+        never sleep, and a draining host can still answer them. Management counts: a pull is work
+        someone waits for, and the host must not stop under it.
+        """
+        return self is not Kind.READ
+
 
 class Filter(str, enum.Enum):
     NONE = "none"

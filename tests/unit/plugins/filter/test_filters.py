@@ -1,10 +1,9 @@
-"""The idle sweep's filters: thresholds from tags, the plan, each host's outcome, the summary, its lines."""
+"""The idle sweep's filters: the plan, each host's outcome, the summary, its lines (durations: test_rules)."""
 
 from __future__ import annotations
 
 import pytest
 from ansible.errors import AnsibleFilterError
-from ansible_collections.llmfleet.aws.plugins.filter.duration import duration_seconds
 from ansible_collections.llmfleet.aws.plugins.filter.idle import (
     idle_outcomes,
     idle_report,
@@ -14,35 +13,6 @@ from ansible_collections.llmfleet.aws.plugins.filter.idle import (
 )
 
 PRICES = {"g5.xlarge": {"usd_per_hour": 1.006, "gpus": 1}, "g5.12xlarge": {"usd_per_hour": 5.672, "gpus": 4}}
-
-
-@pytest.mark.parametrize(
-    ("value", "seconds"),
-    [
-        (90, 90),
-        ("90", 90),
-        ("90s", 90),
-        ("30m", 1800),
-        ("1.5h", 5400),
-        ("2d", 172800),
-        (" 1H ", 3600),
-        ("0", 0),
-        (0.5, 0.5),
-        ("never", None),
-        ("off", None),
-        ("Always-On", None),
-    ],
-)
-def test_durations(value: object, seconds: float | None) -> None:
-    assert duration_seconds(value) == seconds
-
-
-@pytest.mark.parametrize("value", ["soon", "30 minutes", "-5", "1h30m", "", True, "m"])
-def test_bad_durations_name_the_value_and_what_it_is(value: object) -> None:
-    with pytest.raises(
-        AnsibleFilterError, match=r"tag llmfleet:idle-after: .* (is not a duration|is negative)"
-    ):
-        duration_seconds(value, "tag llmfleet:idle-after")
 
 
 def host(name: str, outcome: str, instance_type: str = "g5.xlarge", **extra: object) -> dict[str, object]:
@@ -103,6 +73,9 @@ def test_wake_lines() -> None:
     assert wake_line(woken) == "  ready after 41.2s  a (i-a, was stopped)"
     late = {**woken, "ready": False, "reason": "models missing"}
     assert wake_line(late).startswith("  NOT ready after") and late["reason"] in wake_line(late)
+    reason = "no capacity: tried g6.xlarge in us-east-1a (InsufficientInstanceCapacity for each)"
+    not_started = {**woken, "started": False, "ready": False, "seconds": 0, "reason": reason}
+    assert wake_line(not_started) == f"  NOT started  a (i-a, was stopped): {reason}"
 
 
 # --- the plan and the outcomes ---------------------------------------------------------------------------

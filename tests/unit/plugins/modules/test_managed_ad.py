@@ -348,6 +348,7 @@ def test_present_reports_a_failed_directory_when_waiting(aws, no_delay):
 def test_present_refuses_a_directory_being_deleted(aws):
     client, stubber = aws
     expect_list(stubber, [description("Deleting")])
+    expect_tags(stubber, {})
 
     with pytest.raises(Failed, match="is being deleted"):
         managed_ad.ensure_present(client, FakeModule(**create_params()))
@@ -355,10 +356,82 @@ def test_present_refuses_a_directory_being_deleted(aws):
 
 def test_two_directories_of_the_same_name_fail(aws):
     client, stubber = aws
+    params = create_params()
     expect_list(stubber, [description(), description(DirectoryId="d-2222222222")])
+    expect_tags(stubber, params["tags"])
+    stubber.add_response(
+        "list_tags_for_resource", {"Tags": tag_list(params["tags"])}, {"ResourceId": "d-2222222222"}
+    )
 
-    with pytest.raises(Failed, match="Found 2 directories named"):
-        managed_ad.ensure_present(client, FakeModule(**create_params()))
+    with pytest.raises(Failed, match=r"Found 2 directories corp\.example\.com of this deployment"):
+        managed_ad.ensure_present(client, FakeModule(**params, match_tags=["llmfleet:deployment"]))
+
+
+OTHER_ID = "d-3333333333"
+
+
+def expect_other(stubber, tags, **overrides):
+    """The tags of OTHER_ID, a directory of the same name as ours."""
+    stubber.add_response("list_tags_for_resource", {"Tags": tag_list(tags)}, {"ResourceId": OTHER_ID})
+
+
+@pytest.mark.parametrize(
+    ("other", "other_tags"),
+    [
+        (
+            {"VpcSettings": {"VpcId": "vpc-0ther", "SubnetIds": ["subnet-x", "subnet-y"]}},
+            {"llmfleet:deployment": "prod"},
+        ),
+        ({}, {"llmfleet:deployment": "staging"}),
+        ({}, {}),
+    ],
+    ids=["another VPC", "another deployment", "untagged"],
+)
+def test_a_directory_of_the_same_name_that_is_not_ours_is_neither_adopted_nor_changed(aws, other, other_tags):
+    client, stubber = aws
+    expect_list(stubber, [description(DirectoryId=OTHER_ID, **other)])
+    expect_other(stubber, other_tags)
+
+    with pytest.raises(Failed, match=f"exists that is not this one.*{OTHER_ID}.*not adopted") as failed:
+        managed_ad.ensure_present(client, FakeModule(**create_params(), match_tags=["llmfleet:deployment"]))
+    assert "choose another domain name" in str(failed.value)
+
+
+def test_ours_is_found_beside_another_of_the_same_name(aws):
+    client, stubber = aws
+    params = create_params()
+    expect_list(
+        stubber,
+        [
+            description(DirectoryId=OTHER_ID, VpcSettings={"VpcId": "vpc-0ther", "SubnetIds": []}),
+            description(),
+        ],
+    )
+    expect_other(stubber, {"llmfleet:deployment": "staging"})
+    expect_tags(stubber, params["tags"])
+
+    result = managed_ad.ensure_present(client, FakeModule(**params, match_tags=["llmfleet:deployment"]))
+
+    assert result["changed"] is False and result["directory_id"] == DIRECTORY_ID
+
+
+def test_absent_deletes_only_ours(aws):
+    client, stubber = aws
+    expect_list(stubber, [description(DirectoryId=OTHER_ID)])
+    expect_other(stubber, {"llmfleet:deployment": "staging"})
+
+    module = FakeModule(
+        name=NAME, state="absent", tags={"llmfleet:deployment": "prod"}, match_tags=["llmfleet:deployment"]
+    )
+    assert managed_ad.ensure_absent(client, module) == {"changed": False, "directory_id": None, "name": NAME}
+
+
+def test_match_tags_must_be_given_values(aws):
+    client = aws[0]
+    with pytest.raises(Failed, match="match_tags names llmfleet:deployment, which tags does not set"):
+        managed_ad.ensure_present(
+            client, FakeModule(**create_params(tags={}), match_tags=["llmfleet:deployment"])
+        )
 
 
 def test_a_deleted_directory_of_the_same_name_is_ignored(aws):
@@ -377,6 +450,7 @@ def test_a_deleted_directory_of_the_same_name_is_ignored(aws):
 def test_absent_deletes(aws):
     client, stubber = aws
     expect_list(stubber, [description()])
+    expect_tags(stubber, {})
     stubber.add_response("delete_directory", {"DirectoryId": DIRECTORY_ID}, {"DirectoryId": DIRECTORY_ID})
 
     result = managed_ad.ensure_absent(client, FakeModule(name=NAME, state="absent"))
@@ -389,6 +463,7 @@ def test_absent_deletes(aws):
 def test_absent_waits_until_gone(aws, no_delay):
     client, stubber = aws
     expect_list(stubber, [description()])
+    expect_tags(stubber, {})
     stubber.add_response("delete_directory", {"DirectoryId": DIRECTORY_ID}, {"DirectoryId": DIRECTORY_ID})
     expect_describe(stubber, description("Deleting"))
     stubber.add_client_error(
@@ -416,6 +491,7 @@ def test_absent_when_there_is_no_directory(aws):
 def test_absent_when_already_being_deleted(aws):
     client, stubber = aws
     expect_list(stubber, [description("Deleting")])
+    expect_tags(stubber, {})
 
     result = managed_ad.ensure_absent(client, FakeModule(name=NAME, state="absent"))
 
@@ -425,6 +501,7 @@ def test_absent_when_already_being_deleted(aws):
 def test_absent_failure_from_aws_is_reported(aws):
     client, stubber = aws
     expect_list(stubber, [description()])
+    expect_tags(stubber, {})
     stubber.add_client_error(
         "delete_directory", service_error_code="ClientException", service_message="in use by WorkSpaces"
     )
@@ -481,6 +558,7 @@ def test_check_mode_converged_is_not_changed(aws):
 def test_check_mode_absent_does_not_delete(aws):
     client, stubber = aws
     expect_list(stubber, [description()])
+    expect_tags(stubber, {})
 
     result = managed_ad.ensure_absent(
         client, FakeModule(check_mode=True, name=NAME, state="absent", wait=True)
