@@ -9,9 +9,7 @@ quota. The quota arithmetic and the messages are also tested on their own, witho
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import sys
 import urllib.request
 from collections.abc import Iterator
@@ -21,17 +19,16 @@ from typing import Any
 import boto3
 import module_runs
 import pytest
-from agent_fleet import free_port
 from ansible_collections.llmfleet.aws.plugins.module_utils import capacity
 from ansible_collections.llmfleet.aws.plugins.modules import (
     gpu_instance_launch,
     gpu_instance_start,
     gpu_quota_info,
 )
+from emulators import running_emulator
 
 REPO = Path(__file__).resolve().parents[4]
 sys.path.insert(0, str(REPO / "scripts"))
-import emulator  # noqa: E402  (scripts/emulator.py)
 
 REGION = "us-east-1"
 
@@ -69,18 +66,8 @@ class Emulator:
 
 @pytest.fixture(scope="module")
 def aws(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
-    if importlib.util.find_spec("moto") is None:
-        message = "moto is not installed (make test installs it)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    port = free_port()
-    state = tmp_path_factory.mktemp("emulator")
-    emulator.start(port, state)
-    try:
-        yield Emulator(emulator.url_for(port))
-    finally:
-        emulator.stop(port, state)
+    with running_emulator(tmp_path_factory) as url:
+        yield Emulator(url)
 
 
 @pytest.fixture
