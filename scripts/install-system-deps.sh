@@ -12,6 +12,7 @@ packages=(
   podman         # role tests: systemd in a container (molecule)
   runc
   debootstrap    # the container's Debian root filesystem (scripts/test-image.sh)
+  postgresql     # the shared store's tests and `make bench-store`: a real PostgreSQL server
 )
 
 missing=()

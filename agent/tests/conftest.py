@@ -40,3 +40,24 @@ def ready_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentHandl
     yield handle
     assert handle.proc is not None
     handle.proc.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One real PostgreSQL server for the session (postgres.py); tests take a database each."""
+    from postgres import PostgresServer
+
+    server = PostgresServer(tmp_path_factory.mktemp("postgres")).start()
+    yield server
+    server.destroy()
+
+
+@pytest.fixture
+def pg_database(postgres: Any, request: pytest.FixtureRequest) -> str:
+    """A new, empty database of the session's server, named after the test."""
+    import re
+    import secrets
+
+    name = re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:40] + "_" + secrets.token_hex(3)
+    postgres.create_database(name)
+    return name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -147,3 +148,44 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     )
     assert res.returncode != 0
     assert "nope.yaml: cannot read" in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("postgresql://u:secret@db.example:5432/llmfleet", "password in store.url is refused"),
+        ("postgresql://u@db.example:5432/llmfleet?sslmode=disable", "only for a server on this machine"),
+        ("postgresql://u@db.example:5432/llmfleet?sslmode=require", "does not verify the server"),
+        ("postgresql://u@db.example:5432/llmfleet?sslmode=prefer", "does not verify the server"),
+        ("postgresql://u@db.example:5432/llmfleet?sslmode=verify-ca", "does not verify the server's name"),
+        ("postgresql://u@db.example:5432/", "no database name"),
+        ("postgresql://db.example:5432/llmfleet", "no user"),
+        ("postgresql://u@db.example:5432/llmfleet?sslrootcert=ca.pem", "absolute path"),
+        ("postgresql://u@db.example:5432/llmfleet?options=-c%20x", "unknown parameter 'options'"),
+        ("mysql://u@db.example/llmfleet", "use sqlite:////"),
+    ],
+)
+def test_store_urls_that_are_refused_say_why(url: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_config({"store": {"url": url}})
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://llmfleet_agent@db.abc.us-east-1.rds.amazonaws.com:5432/llmfleet?sslrootcert=/etc/llmfleet/rds-ca.pem",
+        "postgres://u@db.example/llmfleet?sslmode=verify-full&sslrootcert=/ca.pem",
+        "postgresql://u@127.0.0.1:5433/llmfleet?sslmode=disable",
+    ],
+)
+def test_store_urls_that_are_accepted(url: str) -> None:
+    assert parse_config({"store": {"url": url}}).store.url == url
+
+
+def test_the_configuration_examples_in_the_docs_are_valid() -> None:
+    """Every YAML example of docs/agent.md is a configuration the agent accepts."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "agent.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", text, re.S)
+    assert len(blocks) >= 2
+    for block in blocks:
+        parse_config(yaml.safe_load(block), "docs/agent.md")

@@ -63,6 +63,8 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     if isinstance(result, AuthFailure):
         if result.key_id:
             request[REQUEST_KEY_ID] = result.key_id
+        if result.status == 503:  # the key could not be checked: the store is away
+            return json_error(503, result.message, {"Retry-After": "5"})
         return json_error(result.status, result.message, {"WWW-Authenticate": 'Bearer realm="llmfleet"'})
     request[REQUEST_KEY] = result
     request[REQUEST_KEY_ID] = result.id

@@ -6,13 +6,16 @@ Ollama is stopped before the HTTP client session closes and records are flushed 
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 import os
 import ssl
 import stat
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -24,6 +27,7 @@ from .appkeys import (
     AUDIT,
     CONFIG,
     GATE,
+    HOST_ID,
     KEYRING,
     LIMITER,
     METRICS,
@@ -45,12 +49,15 @@ from .proxy.gate import Gate
 from .proxy.handler import add_proxy_routes
 from .proxy.limits import KeyLimiter
 from .proxy.routes import ROUTES
+from .reports import routes as report_routes
 from .retention import Pruner
+from .spool import Spool, dataclass_codec
 from .store import AuditRecord, open_store
 from .supervisor import Supervisor
 from .usage import UsageRecord
 
 log = logging.getLogger("llmfleet.app")
+R = TypeVar("R")
 
 
 def models_dir(cfg: Config) -> Path:
@@ -62,28 +69,59 @@ def models_dir(cfg: Config) -> Path:
     return Path(os.environ.get("OLLAMA_MODELS") or Path.home() / ".ollama" / "models")
 
 
+def _writer(
+    cfg: Config, name: str, cls: type[R], write: Callable[[list[R]], Awaitable[None]]
+) -> BatchWriter[R]:
+    """A record writer whose batches the store does not take (away, or slow) wait in a spool on disk.
+
+    Each spool (usage, audit) has its own bound, store.spool_max_bytes: a flood of usage records never
+    crowds out the audit. A write may take the store's own timeouts and as long again (a backstop: the
+    PostgreSQL store enforces them itself)."""
+    spool = Spool(cfg.resolved_spool_dir, name, *dataclass_codec(cls), max_bytes=cfg.store.spool_max_bytes)
+    timeout = cfg.store.connect_timeout + 2 * cfg.store.statement_timeout
+    return BatchWriter(name, write, spool=spool, write_timeout=timeout)
+
+
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
-    store = open_store(app[CONFIG].store)
+    cfg = app[CONFIG]
+    store = open_store(cfg.store)
     await store.open()
     app[STORE] = store
-    audit: BatchWriter[AuditRecord] = BatchWriter("audit", store.add_audit)
-    usage: BatchWriter[UsageRecord] = BatchWriter("usage", store.add_usage)
-    audit.start()
-    usage.start()
+    host = app[HOST_ID]
+
+    async def add_audit(records: list[AuditRecord]) -> None:
+        # audit records are made in many places; this host is named once, here
+        await store.add_audit([r if r.host else dataclasses.replace(r, host=host) for r in records])
+
+    audit = _writer(cfg, "audit", AuditRecord, add_audit)
+    usage = _writer(cfg, "usage", UsageRecord, store.add_usage)
+    try:
+        await audit.open()
+        await usage.open()
+    except OSError as exc:  # a directory the agent cannot write, or one another agent uses
+        await store.close()
+        where = cfg.resolved_spool_dir
+        raise ConfigError(f"store.spool_dir: cannot use {where}: {exc.strerror or exc}") from None
     app[AUDIT], app[USAGE] = audit, usage
-    pruner = Pruner(store, app[CONFIG].store)
+    pruner = Pruner(store, cfg.store)
     pruner.start()
     yield
     await pruner.stop()
-    # runs after every request has finished: the last records are flushed before the store closes
-    await usage.close()
-    await audit.close()
+    # runs after every request has finished: the last records go to the store (else to the spool) before
+    # it closes; both writers at once, so a store that is away costs one close_timeout
+    await asyncio.gather(usage.close(), audit.close())
     await store.close()
 
 
 async def _keys_ctx(app: web.Application) -> AsyncIterator[None]:
     auth = app[CONFIG].auth
-    keyring = KeyRing(app[STORE], auth.refresh_interval, app[AUDIT], auth.failure_window)
+    cfg = app[CONFIG]
+    # a shared store may be away when the agent starts: the key set last loaded is kept on local disk
+    cache = None if cfg.store.sqlite_path is not None else cfg.resolved_state_dir / "keys-cache.json"
+    lookup_timeout = cfg.store.connect_timeout + cfg.store.statement_timeout
+    keyring = KeyRing(
+        app[STORE], auth.refresh_interval, app[AUDIT], auth.failure_window, cache, lookup_timeout
+    )
     await keyring.start()
     app[KEYRING] = keyring
     yield
@@ -142,14 +180,21 @@ def create_app(cfg: Config) -> web.Application:
         client_max_size=cfg.limits.max_body_bytes,
     )
     app[CONFIG] = cfg
+    app[HOST_ID] = cfg.resolved_host_id
     app[STARTED_AT] = time.time()
     app[ACTIVITY] = Activity()
     app[LIMITER] = KeyLimiter(cfg.limits.max_concurrent_per_key, cfg.limits.requests_per_minute_per_key)
-    app[METRICS] = Metrics(app[ACTIVITY], lambda: app.get(SUPERVISOR), lambda: app.get(PROBES))
+    app[METRICS] = Metrics(
+        app[ACTIVITY],
+        lambda: app.get(SUPERVISOR),
+        lambda: app.get(PROBES),
+        lambda: [w for w in (app.get(USAGE), app.get(AUDIT)) if w is not None],
+    )
     app[GATE] = Gate()
     app.cleanup_ctx.extend([_store_ctx, _keys_ctx, _session_ctx, _probes_ctx, _supervisor_ctx])
     app.on_shutdown.append(_close_gate)
     add_routes(app, control_routes)
+    add_routes(app, report_routes)
     add_proxy_routes(app, ROUTES)
     return app
 

@@ -18,6 +18,8 @@ from .supervisor import Supervisor
 from .usage import UsageRecord
 
 CONFIG = web.AppKey("config", Config)
+# this host in usage and audit records (config host_id, else the host name)
+HOST_ID = web.AppKey("host_id", str)
 STARTED_AT = web.AppKey("started_at", float)
 STORE = web.AppKey("store", Store)
 AUDIT = web.AppKey("audit", BatchWriter[AuditRecord])

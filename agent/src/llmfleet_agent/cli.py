@@ -1,4 +1,5 @@
-"""`llmfleet-agent`: serve, check-config, keys create|list|revoke, usage, status, openapi."""
+"""`llmfleet-agent`: serve, check-config, db setup|upgrade|status, keys create|list|revoke, usage, status,
+openapi."""
 
 from __future__ import annotations
 
@@ -13,13 +14,12 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from . import __version__, openapi
+from . import __version__, openapi, reports
 from .access import AccessLogger
 from .app import create_app, ssl_context
 from .config import Config, ConfigError, load_config, parse_config, parse_duration
@@ -28,6 +28,10 @@ from .keys import KeyRecord, generate_secret, validate_secret
 from .logs import event, setup_logging
 from .roles import Role
 from .store import AuditRecord, UsageSummary, open_store
+from .store.base import USAGE_GROUPS
+from .store.errors import StoreError
+from .store.setup import Credential
+from .store.urls import parse_postgres
 
 log = logging.getLogger("llmfleet.cli")
 KEY_ENV = "LLMFLEET_API_KEY"
@@ -65,8 +69,14 @@ def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
             handler_cancellation=True,
             print=None,
         )
+    except StoreError as exc:
+        raise CliError(f"store {_store_display(cfg)}: {exc}") from None
     except OSError as exc:
         raise CliError(f"cannot listen on {cfg.listen.host}:{cfg.listen.port}: {exc.strerror}") from None
+    except Exception as exc:
+        if type(exc).__module__.startswith("asyncpg"):  # a wrong password, a database that does not exist
+            raise CliError(f"store {_store_display(cfg)}: {exc}") from None
+        raise
     event(log, logging.INFO, "llmfleet-agent stopped")
     return 0
 
@@ -88,17 +98,182 @@ def cmd_check_config(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-# ----- keys ------------------------------------------------------------------
-def _run_store(cfg: Config, coro_fn: Any) -> Any:
+# ----- the store ----------------------------------------------------------------
+def _stdin_document(args: argparse.Namespace) -> dict[str, Any]:
+    """With --stdin-json: the JSON object on standard input (secrets: a key, database credentials), read
+    once; secrets never go on a command line, where other users of the host could read them."""
+    if not getattr(args, "stdin_json", False):
+        return {}
+    if not hasattr(args, "_stdin_doc"):
+        try:
+            doc = json.loads(sys.stdin.read())
+        except ValueError as exc:
+            raise CliError(f"--stdin-json: standard input is not JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            raise CliError("--stdin-json: standard input must be a JSON object")
+        args._stdin_doc = doc
+    return args._stdin_doc  # type: ignore[no-any-return]
+
+
+def _credential(doc: dict[str, Any], name: str) -> Credential | None:
+    """The credential `doc[name]` ({"user": ..., "password": ...}), or None when absent."""
+    value = doc.get(name)
+    if value is None:
+        return None
+    if (
+        not isinstance(value, dict)
+        or not isinstance(value.get("user"), str)
+        or not isinstance(value.get("password"), str)
+        or not value["user"]
+        or not value["password"]
+    ):
+        raise CliError(f'--stdin-json: "{name}" must be {{"user": "...", "password": "..."}}')
+    return Credential(value["user"], value["password"])
+
+
+def _open_store(cfg: Config, args: argparse.Namespace, migrate: bool = True) -> Any:
+    """The configured store; for PostgreSQL with the "store" credential of --stdin-json when given."""
+    cred = _credential(_stdin_document(args), "store")
+    try:
+        return open_store(
+            cfg.store, cred.user if cred else None, cred.password if cred else None, migrate=migrate
+        )
+    except (ValueError, StoreError) as exc:
+        raise CliError(str(exc)) from None
+
+
+def _run_store(cfg: Config, coro_fn: Any, args: argparse.Namespace | None = None) -> Any:
     async def run() -> Any:
-        store = open_store(cfg.store)
+        store = _open_store(cfg, args or argparse.Namespace())
         await store.open()
         try:
             return await coro_fn(store)
         finally:
             await store.close()
 
-    return asyncio.run(run())
+    try:
+        return asyncio.run(run())
+    except (StoreError, OSError) as exc:
+        raise CliError(f"store {_store_display(cfg)}: {exc}") from None
+    except Exception as exc:
+        if type(exc).__module__.startswith("asyncpg"):
+            raise CliError(f"store {_store_display(cfg)}: {exc}") from None
+        raise
+
+
+def _store_display(cfg: Config) -> str:
+    return cfg.store.url if cfg.store.sqlite_path else parse_postgres(cfg.store.url).display()
+
+
+# ----- db -------------------------------------------------------------------------
+def _require_postgres(cfg: Config) -> None:
+    if cfg.store.sqlite_path is not None:
+        raise CliError(
+            "store.url is SQLite: `db` commands are for a PostgreSQL store (the agent keeps its"
+            " SQLite schema up to date itself)"
+        )
+
+
+def cmd_db_upgrade(cfg: Config, args: argparse.Namespace) -> int:
+    _require_postgres(cfg)
+    from .store import migrations
+    from .store.postgres import set_retention
+
+    wanted: dict[str, float | None] = {}
+    for name in ("usage_retention", "audit_retention"):
+        text = getattr(args, name)
+        if text is not None:
+            try:
+                wanted[name] = parse_duration(text)
+            except ValueError as exc:
+                raise CliError(f"--{name.replace('_', '-')}: {exc}") from None
+
+    async def run(store: Any) -> tuple[int, int, list[str], list[str]]:
+        conn = await store.connect()
+        try:
+            start, end, applied = await migrations.upgrade(conn)
+            changed = [name for name, seconds in wanted.items() if await set_retention(conn, name, seconds)]
+            return start, end, applied, changed
+        finally:
+            await conn.close()
+
+    start, end, applied, settings = _run_store_unopened(cfg, args, run)
+    out = {
+        "changed": bool(applied or settings),
+        "from": start,
+        "to": end,
+        "applied": applied,
+        "settings": settings,
+    }
+    print(json.dumps(out))
+    return 0
+
+
+def cmd_db_status(cfg: Config, args: argparse.Namespace) -> int:
+    _require_postgres(cfg)
+    from .store import migrations
+
+    async def run(store: Any) -> int:
+        conn = await store.connect()
+        try:
+            return await migrations.schema_version(conn)
+        finally:
+            await conn.close()
+
+    version = _run_store_unopened(cfg, args, run)
+    print(json.dumps({"version": version, "head": migrations.HEAD}))
+    return 0
+
+
+def cmd_db_setup(cfg: Config, args: argparse.Namespace) -> int:
+    _require_postgres(cfg)
+    from .store.setup import setup_roles, setup_schema
+
+    doc = _stdin_document(args)
+    admin, owner, agent = (_credential(doc, name) for name in ("admin", "owner", "agent"))
+    if admin is None or owner is None or agent is None:
+        raise CliError('--stdin-json: give "admin", "owner" and "agent", each {"user": ..., "password": ...}')
+    database = parse_postgres(cfg.store.url).database
+
+    async def run(store: Any) -> list[str]:
+        conn = await store.connect()
+        try:
+            changed = await setup_roles(conn, database, owner, agent, args.reset_passwords)
+            changed += await setup_schema(conn, owner.user)
+            return changed
+        finally:
+            await conn.close()
+
+    try:
+        changed = _run_store_unopened(cfg, args, run, admin)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    print(json.dumps({"changed": bool(changed), "created": changed}))
+    return 0
+
+
+def _run_store_unopened(
+    cfg: Config, args: argparse.Namespace, coro_fn: Any, cred: Credential | None = None
+) -> Any:
+    """Run coro_fn(store) on a store that is not opened (no pool, no schema check): `db` commands."""
+    if cred is None:
+        store = _open_store(cfg, args, migrate=False)
+    else:
+        try:
+            store = open_store(cfg.store, cred.user, cred.password, migrate=False)
+        except (ValueError, StoreError) as exc:
+            raise CliError(str(exc)) from None
+    try:
+        return asyncio.run(coro_fn(store))
+    except (StoreError, OSError) as exc:
+        raise CliError(f"store {_store_display(cfg)}: {exc}") from None
+    except Exception as exc:
+        if type(exc).__module__.startswith("asyncpg"):
+            raise CliError(f"store {_store_display(cfg)}: {exc}") from None
+        raise
+
+
+# ----- keys ------------------------------------------------------------------
 
 
 def cmd_keys_create(cfg: Config, args: argparse.Namespace) -> int:
@@ -109,8 +284,12 @@ def cmd_keys_create(cfg: Config, args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise CliError(f"--expires: {exc}") from None
     if args.from_stdin:
+        doc = _stdin_document(args)
+        text = doc.get("key") if args.stdin_json else sys.stdin.read()
+        if not isinstance(text, str):
+            raise CliError('--stdin-json: "key" (a string) is required with --from-stdin')
         try:
-            secret = validate_secret(sys.stdin.read())
+            secret = validate_secret(text)
         except ValueError as exc:
             raise CliError(f"key from standard input: {exc}") from None
     else:
@@ -119,13 +298,17 @@ def cmd_keys_create(cfg: Config, args: argparse.Namespace) -> int:
         secret, args.name, Role(args.role), tuple(args.models or ()), ttl, args.max_concurrent, args.rpm
     )
 
+    host = cfg.resolved_host_id
+
     async def store_key(store: Any) -> str:
         existing = await store.get_key(wanted.id)
         if existing is not None and existing.revoked is None:
             if existing.same_grant(wanted):
                 return "unchanged"
             await store.put_key(existing.with_grant_of(wanted))
-            await store.add_audit([AuditRecord("key_updated", wanted.id, {"name": args.name, "via": "cli"})])
+            await store.add_audit(
+                [AuditRecord("key_updated", wanted.id, {"name": args.name, "via": "cli"}, host=host)]
+            )
             return "updated"
         if existing is not None:
             raise CliError(f"key {existing.id} was revoked; a revoked key cannot be stored again")
@@ -136,10 +319,10 @@ def cmd_keys_create(cfg: Config, args: argparse.Namespace) -> int:
                 )
         await store.put_key(wanted)
         detail = {"name": args.name, "role": args.role, "models": list(wanted.models), "via": "cli"}
-        await store.add_audit([AuditRecord("key_created", wanted.id, detail)])
+        await store.add_audit([AuditRecord("key_created", wanted.id, detail, host=host)])
         return "created"
 
-    result = _run_store(cfg, store_key)
+    result = _run_store(cfg, store_key, args)
     if args.json:
         out = {"result": result, **wanted.public()}
         if not args.from_stdin:
@@ -161,7 +344,7 @@ def _when(ts: float | None) -> str:
 
 
 def cmd_keys_list(cfg: Config, args: argparse.Namespace) -> int:
-    keys: list[KeyRecord] = _run_store(cfg, lambda store: store.list_keys())
+    keys: list[KeyRecord] = _run_store(cfg, lambda store: store.list_keys(), args)
     if args.json:
         print(json.dumps([k.public() for k in keys], indent=2))
         return 0
@@ -193,11 +376,18 @@ def cmd_keys_revoke(cfg: Config, args: argparse.Namespace) -> int:
         record = await store.revoke_key(args.id, time.time())
         if record is not None:
             await store.add_audit(
-                [AuditRecord("key_revoked", record.id, {"name": record.name, "via": "cli"})]
+                [
+                    AuditRecord(
+                        "key_revoked",
+                        record.id,
+                        {"name": record.name, "via": "cli"},
+                        host=cfg.resolved_host_id,
+                    )
+                ]
             )
         return record
 
-    record = _run_store(cfg, revoke)
+    record = _run_store(cfg, revoke, args)
     if record is None:
         raise CliError(f"no key with id {args.id!r} (see `llmfleet-agent keys list`)")
     print(f"key {record.id} ({record.name}) revoked")
@@ -206,18 +396,21 @@ def cmd_keys_revoke(cfg: Config, args: argparse.Namespace) -> int:
 
 # ----- usage ------------------------------------------------------------------
 def cmd_usage(cfg: Config, args: argparse.Namespace) -> int:
+    """The report GET /agent/usage answers, from the store the config names (reports.py: the same query)."""
     try:
-        window = parse_duration(args.since)
-    except ValueError as exc:
-        raise CliError(f"--since: {exc}") from None
-    if window is None:
-        raise CliError(f"--since: {args.since!r} has no start; give a duration such as 7d")
-    since = time.time() - window
-    rows: list[UsageSummary] = _run_store(cfg, lambda store: store.summarize_usage(since, args.by))
+        query = reports.parse_query(args.since, args.until, args.by)
+    except reports.ReportError as exc:
+        raise CliError(f"--{exc.parameter}: {exc.reason}") from None
+    rows: list[UsageSummary] = _run_store(
+        cfg, lambda store: reports.usage_report(store, query.since, query.until, query.by), args
+    )
     if args.json:
-        print(json.dumps({"since": since, "by": args.by, "rows": [asdict(r) for r in rows]}, indent=2))
+        print(json.dumps(reports.report_json(query, rows), indent=2))
         return 0
-    header = (args.by.upper(), "REQUESTS", "ERRORS", "PROMPT TOKENS", "COMPLETION TOKENS")
+    if args.csv:
+        sys.stdout.write(reports.report_csv(rows))
+        return 0
+    header = (query.by.upper(), "REQUESTS", "ERRORS", "PROMPT TOKENS", "COMPLETION TOKENS")
     table = [header] + [
         (r.group, str(r.requests), str(r.errors), str(r.prompt_tokens), str(r.completion_tokens))
         for r in rows
@@ -227,7 +420,7 @@ def cmd_usage(cfg: Config, args: argparse.Namespace) -> int:
     ]
     table.append(("total", *map(str, total)))
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    print(f"usage since {time.strftime('%Y-%m-%d %H:%M', time.gmtime(since))} UTC, by {args.by}")
+    print(f"usage from {reports.rfc3339(query.since)} until {reports.rfc3339(query.until)}, by {query.by}")
     for row in table:
         print(
             "  ".join(
@@ -335,6 +528,25 @@ def format_status(body: dict[str, Any]) -> str:
             ),
         ),
     ]
+
+    def store_line(store: dict[str, Any]) -> str:
+        since = store.get("failing_since")
+        state = "writes ok" if since is None else f"FAILING for {max(0.0, time.time() - since):.0f}s"
+        spools, dropped = [], 0
+        for name in ("usage", "audit"):
+            spool = (store.get(name) or {}).get("spool")
+            if spool is None:
+                continue
+            dropped += spool["dropped"]
+            held = f"{name} {spool['records']}"
+            if spool["records"]:
+                held += f" ({spool['bytes'] / 2**20:.1f} MiB, oldest {spool['oldest_age_seconds']:.0f}s)"
+            spools.append(held)
+        text = f"{store['kind']}, {state}; spooled records: {', '.join(spools) or '-'}"
+        return text + (f"; {dropped} DROPPED (spool full)" if dropped else "")
+
+    if "store" in body:  # an agent before the spool has no such section
+        lines.append(("store", store_line(body["store"])))
     return "\n".join(f"{name:<8} {text}" for name, text in lines)
 
 
@@ -376,11 +588,51 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="the full status as JSON")
     status.set_defaults(func=cmd_status)
 
-    usage = with_config(sub.add_parser("usage", help="summarise usage records"))
-    usage.add_argument("--since", default="7d", metavar="DURATION", help="how far back (default 7d)")
-    usage.add_argument("--by", choices=["key", "model", "day"], default="key", help="grouping (default key)")
-    usage.add_argument("--json", action="store_true")
+    usage = with_config(sub.add_parser("usage", help="the usage report (as GET /agent/usage answers it)"))
+    when = "an RFC 3339 time with a zone, a Unix time in seconds, or a duration ago such as 12h"
+    usage.add_argument("--since", metavar="TIME", help=f"the window's start: {when} (default 7d)")
+    usage.add_argument("--until", metavar="TIME", help=f"the window's end, excluded: {when} (default now)")
+    usage.add_argument("--by", choices=USAGE_GROUPS, default="key", help="grouping (default key)")
+    output = usage.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="the JSON GET /agent/usage answers")
+    output.add_argument("--csv", action="store_true", help="the CSV GET /agent/usage answers")
     usage.set_defaults(func=cmd_usage)
+
+    db = sub.add_parser("db", help="the PostgreSQL store: roles, schema").add_subparsers(
+        dest="db_command", required=True
+    )
+    stdin_help = (
+        'credentials as JSON on standard input: {"store": {"user": ..., "password": ...}} replaces the'
+        " URL's user and store.password_file"
+    )
+    upgrade = with_config(
+        db.add_parser("upgrade", help="apply the schema migrations (the owner's credential)")
+    )
+    upgrade.add_argument("--stdin-json", action="store_true", help=stdin_help)
+    for what in ("usage", "audit"):
+        upgrade.add_argument(
+            f"--{what}-retention",
+            metavar="DURATION",
+            help=f"how long the fleet keeps {what} records (400d, 90d, never); the database's setting,"
+            " which every agent's pruning follows (default: unchanged; new databases: 400d usage, 90d audit)",
+        )
+    upgrade.set_defaults(func=cmd_db_upgrade)
+    db_status = with_config(
+        db.add_parser("status", help="the schema version and the version this agent needs")
+    )
+    db_status.add_argument("--stdin-json", action="store_true", help=stdin_help)
+    db_status.set_defaults(func=cmd_db_status)
+    setup = with_config(
+        db.add_parser("setup", help="make the owner and agent roles (the administrator's credential, once)")
+    )
+    setup.add_argument(
+        "--stdin-json",
+        action="store_true",
+        required=True,
+        help='{"admin": {...}, "owner": {...}, "agent": {...}}, each {"user": ..., "password": ...}',
+    )
+    setup.add_argument("--reset-passwords", action="store_true", help="set the passwords of existing roles")
+    setup.set_defaults(func=cmd_db_setup)
 
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_command", required=True)
     create = with_config(keys.add_parser("create", help="create a key and print it once"))
@@ -394,12 +646,19 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--rpm", type=_positive, metavar="N", help="requests per minute (default: config)")
     create.add_argument("--from-stdin", action="store_true", help="store the key read from standard input")
     create.add_argument("--json", action="store_true", help="machine-readable output")
+    keys_stdin = (
+        'secrets as JSON on standard input: {"key": ... (with --from-stdin), "store": {"user": ...,'
+        ' "password": ...}} (a PostgreSQL store: keys are written with the owner\'s credential)'
+    )
+    create.add_argument("--stdin-json", action="store_true", help=keys_stdin)
     create.set_defaults(func=cmd_keys_create)
     listing = with_config(keys.add_parser("list", help="list keys (never their secrets)"))
     listing.add_argument("--json", action="store_true")
+    listing.add_argument("--stdin-json", action="store_true", help=keys_stdin)
     listing.set_defaults(func=cmd_keys_list)
     revoke = with_config(keys.add_parser("revoke", help="revoke a key by id"))
     revoke.add_argument("id")
+    revoke.add_argument("--stdin-json", action="store_true", help=keys_stdin)
     revoke.set_defaults(func=cmd_keys_revoke)
 
     document = sub.add_parser("openapi", help="print the agent's API as an OpenAPI document (no config)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -148,17 +149,36 @@ class AuthConfig(_Section):
 
 
 class StoreConfig(_Section):
+    # sqlite:////absolute/path/agent.db (one host, the default), or
+    # postgresql://user@host:5432/dbname?sslmode=verify-full&sslrootcert=/path/ca.pem (the fleet's shared
+    # store; the password from password_file, never in the URL; see store/urls.py)
     url: str = "sqlite:///" + str(DEFAULT_STATE_DIR / "agent.db")
-    # records older than this are deleted (at start, then hourly); null: kept for ever
+    # PostgreSQL: the password's file; a systemd credential of that file name, when the service has one
+    # ($CREDENTIALS_DIRECTORY/<name>), is read instead (LoadCredential= in the unit)
+    password_file: Path | None = None
+    # PostgreSQL: connections kept open, and how long a connect or a statement may take before the store
+    # counts as away (records then go to the spool)
+    pool_size: Annotated[int, Field(ge=1, le=50)] = 4
+    connect_timeout: Seconds = 5.0
+    statement_timeout: Seconds = 10.0
+    # records the store could not take wait here, on local disk, until it can (default: <state_dir>/spool);
+    # past spool_max_bytes new records are dropped and counted (llmfleet_spool_dropped_total)
+    spool_dir: Path | None = None
+    spool_max_bytes: Annotated[int, Field(ge=1024 * 1024)] = 256 * 1024 * 1024
+    # records older than this are deleted (at start, then hourly); null: kept for ever. PostgreSQL: usage
+    # rows go a whole month at a time (monthly partitions), the daily roll-ups that reports read stay
     audit_retention: Duration | None = 90 * 86400.0
     usage_retention: Duration | None = 400 * 86400.0
 
     @field_validator("url")
     @classmethod
     def _scheme(cls, value: str) -> str:
-        if value.startswith("sqlite:////") and len(value) > len("sqlite:////"):
-            return value
-        raise ValueError(f"{value!r}: use sqlite:////absolute/path/agent.db")
+        from .store.urls import url_problem  # the store's own rule for its URLs
+
+        problem = url_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
     @property
     def sqlite_path(self) -> Path | None:
@@ -217,8 +237,20 @@ class Config(_Section):
     limits: LimitsConfig = LimitsConfig()
     proxy: ProxyConfig = ProxyConfig()
     logging: LoggingConfig = LoggingConfig()
-    # where the agent keeps its own files (the Ollama process-group file); default: beside a SQLite store
+    # where the agent keeps its own files (the Ollama process-group file, the spool); default: beside a
+    # SQLite store
     state_dir: Path | None = None
+    # this host's name in usage and audit records (the agent role sets the EC2 instance id); default: the
+    # machine's host name
+    host_id: Annotated[str, Field(min_length=1, max_length=255)] | None = None
+
+    @property
+    def resolved_host_id(self) -> str:
+        return self.host_id or socket.gethostname()
+
+    @property
+    def resolved_spool_dir(self) -> Path:
+        return self.store.spool_dir or self.resolved_state_dir / "spool"
 
     @property
     def resolved_state_dir(self) -> Path:

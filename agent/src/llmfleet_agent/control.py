@@ -6,12 +6,13 @@ import logging
 import os
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from . import __version__
 from .access_control import public, request_key, requires
-from .appkeys import ACTIVITY, AUDIT, CONFIG, METRICS, PROBES, STARTED_AT, SUPERVISOR
+from .appkeys import ACTIVITY, AUDIT, CONFIG, METRICS, PROBES, STARTED_AT, SUPERVISOR, USAGE
 from .gojson import BodyError, loads_object
 from .http_errors import json_error
 from .logs import event
@@ -85,8 +86,27 @@ async def status(request: web.Request) -> web.Response:
         "ollama": app[SUPERVISOR].snapshot(),
         "idle": app[ACTIVITY].figures().as_dict(),
         "host": app[PROBES].snapshot(),
+        "store": store_status(app),
     }
     return web.json_response(body)
+
+
+def store_status(app: web.Application) -> dict[str, Any]:
+    """The store's kind, whether it takes writes, and per kind of record what waits in memory and in the
+    spool."""
+    cfg = app[CONFIG]
+    now = time.time()
+    writers = {name: app[key].snapshot(now) for name, key in (("usage", USAGE), ("audit", AUDIT))}
+    failing = [w["failing_since"] for w in writers.values() if w["failing_since"] is not None]
+    kind = urlsplit(cfg.store.url).scheme
+    return {
+        "kind": "postgresql" if kind == "postgres" else kind,
+        "last_write_ok": not failing,
+        "failing_since": min(failing, default=None),
+        "spool_dir": str(cfg.resolved_spool_dir),
+        "spool_max_bytes": cfg.store.spool_max_bytes,
+        **writers,
+    }
 
 
 @routes.get("/agent/idle")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .activity import Activity
+from .batching import BatchWriter
 from .probes import ProbeSampler
 from .supervisor import State, Supervisor
 
@@ -73,12 +75,71 @@ class _LiveState(Collector):
             yield from (util, used, total)
 
 
+class _Records(Collector):
+    """The record writers (usage, audit): what waits in memory, whether the store takes writes, and what
+    waits in each spool on local disk."""
+
+    def __init__(self, writers: Callable[[], Sequence[BatchWriter[Any]]]) -> None:
+        self._writers = writers
+
+    def collect(self) -> Iterator[Metric]:
+        writers = self._writers()
+        if not writers:
+            return
+        pending = GaugeMetricFamily(
+            "llmfleet_records_pending",
+            "Records in memory, not yet in the store or the spool",
+            labels=["records"],
+        )
+        failing = GaugeMetricFamily(
+            "llmfleet_store_failing",
+            "1 while the store does not take the writer's records",
+            labels=["records"],
+        )
+        refused = CounterMetricFamily(
+            "llmfleet_store_refused_records",
+            "Records the store refused for good (bad data), dropped",
+            labels=["records"],
+        )
+        spool_bytes = GaugeMetricFamily(
+            "llmfleet_spool_bytes", "Bytes in the spool's files", labels=["spool"]
+        )
+        spool_records = GaugeMetricFamily(
+            "llmfleet_spool_records", "Records in the spool, waiting for the store", labels=["spool"]
+        )
+        spool_age = GaugeMetricFamily(
+            "llmfleet_spool_oldest_age_seconds",
+            "Age of the oldest record in the spool, by its own time (0 when empty)",
+            labels=["spool"],
+        )
+        spool_dropped = CounterMetricFamily(
+            "llmfleet_spool_dropped",
+            "Records dropped because the spool was full (store.spool_max_bytes) or its disk failed",
+            labels=["spool"],
+        )
+        for writer in writers:
+            label = [writer.name]
+            pending.add_metric(label, writer.pending)
+            failing.add_metric(label, int(writer.failing_since is not None))
+            refused.add_metric(label, writer.dropped)
+            spool = writer.spool
+            if spool is not None:
+                spool_bytes.add_metric(label, spool.bytes)
+                spool_records.add_metric(label, spool.records)
+                spool_age.add_metric(label, spool.age())
+                spool_dropped.add_metric(label, spool.dropped)
+        yield from (pending, failing, refused)
+        if any(writer.spool is not None for writer in writers):
+            yield from (spool_bytes, spool_records, spool_age, spool_dropped)
+
+
 class Metrics:
     def __init__(
         self,
         activity: Activity,
         supervisor: Callable[[], Supervisor | None],
         probes: Callable[[], ProbeSampler | None],
+        writers: Callable[[], Sequence[BatchWriter[Any]]] = tuple,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
@@ -115,6 +176,7 @@ class Metrics:
             registry=r,
         )
         r.register(_LiveState(activity, supervisor, probes))
+        r.register(_Records(writers))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -20,7 +20,9 @@ from .access_control import PUBLIC, role_of
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .proxy.handler import ROUTE_SPEC
 from .proxy.routes import Kind, RouteSpec
+from .reports import TIME_FORMS
 from .roles import Role
+from .store.base import USAGE_GROUPS
 
 # proxied routes by their handler's name (proxy/handler.py `make_handler`)
 
@@ -69,11 +71,39 @@ COMPONENTS: dict[str, Any] = {
             },
             "additionalProperties": True,
         },
+        "UsageReport": {
+            "type": "object",
+            "required": ["since", "until", "by", "rows"],
+            "properties": {
+                "since": {"type": "string", "format": "date-time"},
+                "until": {"type": "string", "format": "date-time"},
+                "by": {"type": "string", "enum": list(USAGE_GROUPS)},
+                "rows": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["group", "requests", "errors", "prompt_tokens", "completion_tokens"],
+                        "properties": {
+                            "group": {"type": "string"},
+                            "requests": {"type": "integer"},
+                            "errors": {"type": "integer"},
+                            "prompt_tokens": {"type": "integer"},
+                            "completion_tokens": {"type": "integer"},
+                        },
+                        "additionalProperties": False,
+                    },
+                },
+            },
+            "additionalProperties": False,
+        },
     },
 }
 
 _AGENT_ERRORS = {
-    400: "the body is not JSON, not an object, lacks the model, or a field the agent reads is wrong",
+    400: (
+        "the body is not JSON, not an object, lacks the model, or a field the agent reads is wrong; "
+        "a query parameter is unknown or wrong (`parameter` names it)"
+    ),
     401: "no valid key",
     403: "the key's role or model patterns do not allow this request",
     408: "the body did not arrive within `limits.body_timeout`",
@@ -109,7 +139,12 @@ _CONTROL: dict[str, dict[str, Any]] = {
             }
         },
     },
-    "status": {"summary": "The agent, readiness, Ollama's supervisor, idle figures and host probes"},
+    "status": {
+        "summary": (
+            "The agent, readiness, Ollama's supervisor, idle figures, host probes, and the store: whether it"
+            " takes writes, records waiting in memory and in the spool"
+        )
+    },
     "idle": {"summary": "Idle figures", "ok": _FIGURES},
     "drain": {
         "summary": "Refuse new inference (only if idle for `if_idle_for` seconds, when given)",
@@ -127,6 +162,48 @@ _CONTROL: dict[str, dict[str, Any]] = {
         "content": {METRICS_CONTENT_TYPE.split(";")[0]: {"schema": {"type": "string"}}},
     },
     "openapi_document": {"summary": "This document"},
+    "agent_usage": {
+        "summary": (
+            "Usage report: requests, errors and tokens in [since, until), grouped by key, user, model, host "
+            "or day; from the store, so fleet-wide when the fleet shares one. CSV with `Accept: text/csv`"
+        ),
+        "parameters": [
+            {
+                "name": "since",
+                "in": "query",
+                "required": False,
+                "description": f"the window's start, included (default 7d): {TIME_FORMS}",
+                "schema": {"type": "string"},
+            },
+            {
+                "name": "until",
+                "in": "query",
+                "required": False,
+                "description": f"the window's end, excluded (default now): {TIME_FORMS}",
+                "schema": {"type": "string"},
+            },
+            {
+                "name": "by",
+                "in": "query",
+                "required": False,
+                "description": "the grouping (default key)",
+                "schema": {"type": "string", "enum": list(USAGE_GROUPS)},
+            },
+        ],
+        "content": {
+            _JSON: {"schema": {"$ref": "#/components/schemas/UsageReport"}},
+            "text/csv": {
+                "schema": {
+                    "type": "string",
+                    "description": (
+                        "a header line `group,requests,errors,prompt_tokens,completion_tokens`, then one "
+                        "line per group (RFC 4180); a group that starts with = + - @ is prefixed with `'`"
+                    ),
+                }
+            },
+        },
+        "errors": (400,),
+    },
 }
 
 
@@ -217,6 +294,8 @@ def _control_operation(name: str) -> dict[str, Any]:
     }
     for status in doc.get("errors", ()):
         operation["responses"][str(status)] = _error(status, None)
+    if "parameters" in doc:
+        operation["parameters"] = doc["parameters"]
     if "body" in doc:
         operation["requestBody"] = {"required": False, "content": {_JSON: {"schema": doc["body"]}}}
     return operation

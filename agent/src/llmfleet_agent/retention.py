@@ -1,5 +1,6 @@
 """Old records go: audit and usage rows older than `store.audit_retention` and `store.usage_retention` are
-deleted at start and then hourly. A store that fails is logged and tried again the next hour."""
+deleted at start and then hourly (a PostgreSQL store applies the fleet's settings in the database
+instead). A store that fails is logged and tried again the next hour."""
 
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ class Pruner:
             await asyncio.sleep(self._interval)
 
     def start(self) -> None:
-        if self._cfg.audit_retention is None and self._cfg.usage_retention is None:
+        local = self._cfg.sqlite_path is not None  # a shared store's retention is the database's setting
+        if local and self._cfg.audit_retention is None and self._cfg.usage_retention is None:
             return  # everything is kept for ever
         self._task = asyncio.create_task(self._loop(), name="prune-records")
 

@@ -21,6 +21,10 @@ class UsageRecord:
     ttfb_ms: float | None
     duration_ms: float
     error: str | None
+    # the host that served it (`host_id`), and the person behind the key when known (issue 13: directory
+    # users, a frontend's end user); reports group by either
+    host: str | None = None
+    user: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -27,7 +27,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 
 from ..access_control import request_key, requires
-from ..appkeys import ACTIVITY, AUDIT, CONFIG, GATE, LIMITER, METRICS, SESSION, SUPERVISOR, USAGE
+from ..appkeys import ACTIVITY, AUDIT, CONFIG, GATE, HOST_ID, LIMITER, METRICS, SESSION, SUPERVISOR, USAGE
 from ..gojson import BodyError, GoObject, loads_object
 from ..http_errors import Handler, defer_expect, json_error
 from ..keys import KeyRecord, model_matches
@@ -573,6 +573,7 @@ def _record(app: web.Application, ex: Exchange) -> None:
         ttfb_ms=None if ttfb is None else round(ttfb * 1000, 3),
         duration_ms=round(duration * 1000, 3),
         error=ex.error,
+        host=app[HOST_ID],
     )
     app[USAGE].add(record)
     metrics = app[METRICS]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -18,11 +19,35 @@ class AuditRecord:
     key_id: str | None = None
     detail: dict[str, Any] = field(default_factory=dict)
     ts: float = field(default_factory=time.time)
+    host: str | None = None  # the agent that wrote it
+    # unique: a record written twice (a replay from the spool after a crash) is stored once
+    id: str = field(default_factory=lambda: os.urandom(12).hex())
+
+
+# the groupings a usage report offers (`GET /agent/usage?by=`, `llmfleet-agent usage --by`)
+USAGE_GROUPS = ("key", "user", "model", "host", "day")
+"""The groupings of `Store.summarize_usage`, and the one rule for their labels, which every store follows
+so that any agent answers the same report whichever store the fleet uses.
+
+A text field counts as absent when it is NULL or the empty string.
+
+- `key`: `<key_id> (<key name>)` when the key is in the store (revoked or not), `<key_id>` when it is not,
+  `-` for a record without a key.
+- `user`: the record's `user`, else the name of the record's key (when the key is in the store), else `-`.
+- `model`: the record's `model`, else `-`.
+- `host`: the record's `host`, else `-`.
+- `day`: the UTC day of the record's `ts`, `YYYY-MM-DD`.
+
+One row per label: `requests` (records), `errors` (records with status >= 400), `prompt_tokens` and
+`completion_tokens` (sums, a missing count as 0); records with `since <= ts < until` (until None: no upper
+bound). Rows are ordered by the label's code points (SQLite's BINARY collation on UTF-8; PostgreSQL:
+`COLLATE "C"`), never by a locale.
+"""
 
 
 @dataclass(frozen=True)
 class UsageSummary:
-    group: str  # a key (with its name), a model or a day
+    group: str  # a key (with its name), a user, a model, a host or a day
     requests: int
     errors: int  # status >= 400
     prompt_tokens: int
@@ -47,11 +72,14 @@ class Store(Protocol):
 
     async def add_audit(self, records: list[AuditRecord]) -> None: ...
     async def list_audit(self, limit: int = 100) -> list[AuditRecord]: ...
-    async def add_usage(self, records: list[UsageRecord]) -> None: ...
-    async def list_usage(self, since: float = 0.0) -> list[UsageRecord]: ...
+    async def add_usage(self, records: list[UsageRecord]) -> None:
+        """Store the records; one already stored (same request id and time) is skipped, not doubled."""
 
-    async def summarize_usage(self, since: float, by: str) -> list[UsageSummary]:
-        """Requests, errors and tokens since `since`, grouped `by` key, model or day."""
+    async def list_usage(self, since: float = 0.0, until: float | None = None) -> list[UsageRecord]: ...
+
+    async def summarize_usage(self, since: float, until: float | None, by: str) -> list[UsageSummary]:
+        """Requests, errors and tokens in [since, until) (until None: up to now), grouped `by` one of
+        USAGE_GROUPS, ordered by the group."""
 
     async def prune(self, audit_before: float | None, usage_before: float | None) -> tuple[int, int]:
         """Delete audit and usage records older than the given times (None: keep all); how many went."""

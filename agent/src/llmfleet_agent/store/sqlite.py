@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import sqlite3
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from typing import Any, TypeVar
 from ..keys import KeyRecord
 from ..roles import Role
 from ..usage import USAGE_COLUMNS, UsageRecord
-from .base import AuditRecord, UsageSummary
+from .base import USAGE_GROUPS, AuditRecord, UsageSummary
 
 T = TypeVar("T")
 
@@ -37,7 +38,9 @@ CREATE TABLE IF NOT EXISTS audit (
     ts      REAL NOT NULL,
     event   TEXT NOT NULL,
     key_id  TEXT,
-    detail  TEXT NOT NULL DEFAULT '{}'
+    detail  TEXT NOT NULL DEFAULT '{}',
+    host    TEXT,
+    id      TEXT
 );
 CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts);
 CREATE TABLE IF NOT EXISTS usage (
@@ -53,29 +56,85 @@ CREATE TABLE IF NOT EXISTS usage (
     completion_tokens INTEGER,
     ttfb_ms           REAL,
     duration_ms       REAL NOT NULL,
-    error             TEXT
+    error             TEXT,
+    host              TEXT,
+    user              TEXT
 );
 CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts);
 """
 
-_INSERT_USAGE = "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-assert _INSERT_USAGE.count("?") == len(USAGE_COLUMNS)
-# the only groupings `usage` offers: fixed SQL, never built from input
-_SUMMARY = {
-    "key": (
-        "SELECT COALESCE(u.key_id, '-') || COALESCE(' (' || k.name || ')', ''), COUNT(*),"
-        " SUM(u.status >= 400), SUM(COALESCE(u.prompt_tokens, 0)), SUM(COALESCE(u.completion_tokens, 0))"
-        " FROM usage u LEFT JOIN keys k ON k.id = u.key_id WHERE u.ts >= ? GROUP BY 1 ORDER BY 1"
+# columns later versions added, in the order they were added: a database made by an earlier version gets
+# them with ALTER TABLE when it is opened (fixed SQL, never built from input)
+_ADDED_COLUMNS = {
+    "audit": (
+        ("host", "ALTER TABLE audit ADD COLUMN host TEXT"),
+        ("id", "ALTER TABLE audit ADD COLUMN id TEXT"),
     ),
-    "model": (
-        "SELECT COALESCE(model, '-'), COUNT(*), SUM(status >= 400), SUM(COALESCE(prompt_tokens, 0)),"
-        " SUM(COALESCE(completion_tokens, 0)) FROM usage WHERE ts >= ? GROUP BY 1 ORDER BY 1"
-    ),
-    "day": (
-        "SELECT date(ts, 'unixepoch'), COUNT(*), SUM(status >= 400), SUM(COALESCE(prompt_tokens, 0)),"
-        " SUM(COALESCE(completion_tokens, 0)) FROM usage WHERE ts >= ? GROUP BY 1 ORDER BY 1"
+    "usage": (
+        ("host", "ALTER TABLE usage ADD COLUMN host TEXT"),
+        ("user", "ALTER TABLE usage ADD COLUMN user TEXT"),
     ),
 }
+_TABLE_INFO = {"audit": "PRAGMA table_info(audit)", "usage": "PRAGMA table_info(usage)"}
+# what makes writes idempotent (a record replayed from the spool is stored once); an earlier version's
+# rows are made to fit first: audit rows get an id, a doubled usage row (none is expected) is dropped
+_UNIQUE = {
+    "audit_id": (
+        "UPDATE audit SET id = lower(hex(randomblob(12))) WHERE id IS NULL",
+        "CREATE UNIQUE INDEX IF NOT EXISTS audit_id ON audit (id)",
+    ),
+    "usage_request": (
+        "DELETE FROM usage WHERE rowid NOT IN (SELECT MIN(rowid) FROM usage GROUP BY request_id, ts)",
+        "CREATE UNIQUE INDEX IF NOT EXISTS usage_request ON usage (request_id, ts)",
+    ),
+}
+
+_INSERT_USAGE = (
+    "INSERT OR IGNORE INTO usage (ts, request_id, key_id, method, route, model, status, stream,"
+    " prompt_tokens, completion_tokens, ttfb_ms, duration_ms, error, host, user)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_SELECT_USAGE = (
+    "SELECT ts, request_id, key_id, method, route, model, status, stream, prompt_tokens, completion_tokens,"
+    " ttfb_ms, duration_ms, error, host, user FROM usage WHERE ts >= ? AND ts < ? ORDER BY ts"
+)
+assert _INSERT_USAGE.count("?") == len(USAGE_COLUMNS) and _SELECT_USAGE.startswith(
+    "SELECT " + ", ".join(USAGE_COLUMNS) + " FROM"
+)
+_INSERT_AUDIT = "INSERT OR IGNORE INTO audit (id, ts, event, key_id, detail, host) VALUES (?, ?, ?, ?, ?, ?)"
+_SELECT_AUDIT = "SELECT id, ts, event, key_id, detail, host FROM audit ORDER BY ts DESC LIMIT ?"
+
+# the only groupings a report offers, labelled as base.USAGE_GROUPS says: fixed SQL, never built from input
+_SUMMARY = {
+    "key": (
+        "SELECT COALESCE(NULLIF(u.key_id, '') || COALESCE(' (' || NULLIF(k.name, '') || ')', ''), '-'),"
+        " COUNT(*), SUM(u.status >= 400), SUM(COALESCE(u.prompt_tokens, 0)),"
+        " SUM(COALESCE(u.completion_tokens, 0))"
+        " FROM usage u LEFT JOIN keys k ON k.id = u.key_id WHERE u.ts >= ? AND u.ts < ? GROUP BY 1 ORDER BY 1"
+    ),
+    "user": (
+        "SELECT COALESCE(NULLIF(u.user, ''), NULLIF(k.name, ''), '-'),"
+        " COUNT(*), SUM(u.status >= 400), SUM(COALESCE(u.prompt_tokens, 0)),"
+        " SUM(COALESCE(u.completion_tokens, 0))"
+        " FROM usage u LEFT JOIN keys k ON k.id = u.key_id WHERE u.ts >= ? AND u.ts < ? GROUP BY 1 ORDER BY 1"
+    ),
+    "model": (
+        "SELECT COALESCE(NULLIF(model, ''), '-'),"
+        " COUNT(*), SUM(status >= 400), SUM(COALESCE(prompt_tokens, 0)), SUM(COALESCE(completion_tokens, 0))"
+        " FROM usage WHERE ts >= ? AND ts < ? GROUP BY 1 ORDER BY 1"
+    ),
+    "host": (
+        "SELECT COALESCE(NULLIF(host, ''), '-'),"
+        " COUNT(*), SUM(status >= 400), SUM(COALESCE(prompt_tokens, 0)), SUM(COALESCE(completion_tokens, 0))"
+        " FROM usage WHERE ts >= ? AND ts < ? GROUP BY 1 ORDER BY 1"
+    ),
+    "day": (
+        "SELECT date(ts, 'unixepoch'),"
+        " COUNT(*), SUM(status >= 400), SUM(COALESCE(prompt_tokens, 0)), SUM(COALESCE(completion_tokens, 0))"
+        " FROM usage WHERE ts >= ? AND ts < ? GROUP BY 1 ORDER BY 1"
+    ),
+}
+assert set(_SUMMARY) == set(USAGE_GROUPS)
 
 # the tables `prune` deletes from, a batch at a time: fixed SQL, never built from input
 _PRUNE = {
@@ -108,6 +167,33 @@ def _key_from_row(row: tuple[Any, ...]) -> KeyRecord:
         max_concurrent=max_concurrent,
         rpm=rpm,
     )
+
+
+def _usage_from_row(row: tuple[Any, ...]) -> UsageRecord:
+    fields = dict(zip(USAGE_COLUMNS, row, strict=True))
+    fields["stream"] = bool(fields["stream"])
+    return UsageRecord(**fields)
+
+
+def _upgrade(conn: sqlite3.Connection) -> None:
+    """Bring a database an earlier version made up to this schema (nothing to do for a new one). One
+    transaction that holds the write lock, so an agent and a CLI opening the same file do it once."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for table, columns in _ADDED_COLUMNS.items():
+            present = {row[1] for row in conn.execute(_TABLE_INFO[table])}
+            for column, alter in columns:
+                if column not in present:
+                    conn.execute(alter)
+        indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        for index, statements in _UNIQUE.items():
+            if index not in indexes:
+                for statement in statements:
+                    conn.execute(statement)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 def _create_private(path: Path) -> None:
@@ -144,6 +230,7 @@ class SQLiteStore:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.executescript(SCHEMA)
+            _upgrade(conn)
             return conn
 
         self._conn = await asyncio.get_running_loop().run_in_executor(self._executor, connect)
@@ -194,16 +281,15 @@ class SQLiteStore:
     async def add_audit(self, records: list[AuditRecord]) -> None:
         if not records:
             return
-        rows = [(r.ts, r.event, r.key_id, json.dumps(r.detail, default=str)) for r in records]
-        await self._call(lambda c: c.executemany("INSERT INTO audit VALUES (?,?,?,?)", rows))
+        rows = [(r.id, r.ts, r.event, r.key_id, json.dumps(r.detail, default=str), r.host) for r in records]
+        await self._call(lambda c: c.executemany(_INSERT_AUDIT, rows))
 
     async def list_audit(self, limit: int = 100) -> list[AuditRecord]:
-        rows = await self._call(
-            lambda c: c.execute(
-                "SELECT ts, event, key_id, detail FROM audit ORDER BY ts DESC LIMIT ?", (limit,)
-            ).fetchall()
-        )
-        return [AuditRecord(event=e, key_id=k, detail=json.loads(d), ts=ts) for ts, e, k, d in rows]
+        rows = await self._call(lambda c: c.execute(_SELECT_AUDIT, (limit,)).fetchall())
+        return [
+            AuditRecord(event=e, key_id=k, detail=json.loads(d), ts=ts, host=h, id=i)
+            for i, ts, e, k, d, h in rows
+        ]
 
     async def add_usage(self, records: list[UsageRecord]) -> None:
         if not records:
@@ -211,15 +297,15 @@ class SQLiteStore:
         rows = [tuple(getattr(r, c) for c in USAGE_COLUMNS) for r in records]
         await self._call(lambda c: c.executemany(_INSERT_USAGE, rows))
 
-    async def list_usage(self, since: float = 0.0) -> list[UsageRecord]:
-        rows = await self._call(
-            lambda c: c.execute("SELECT * FROM usage WHERE ts >= ? ORDER BY ts", (since,)).fetchall()
-        )
-        return [UsageRecord(**dict(zip(USAGE_COLUMNS, row, strict=True))) for row in rows]
+    async def list_usage(self, since: float = 0.0, until: float | None = None) -> list[UsageRecord]:
+        window = (since, math.inf if until is None else until)
+        rows = await self._call(lambda c: c.execute(_SELECT_USAGE, window).fetchall())
+        return [_usage_from_row(row) for row in rows]
 
-    async def summarize_usage(self, since: float, by: str) -> list[UsageSummary]:
-        query = _SUMMARY[by]
-        rows = await self._call(lambda c: c.execute(query, (since,)).fetchall())
+    async def summarize_usage(self, since: float, until: float | None, by: str) -> list[UsageSummary]:
+        query = _SUMMARY[by]  # KeyError for a grouping that is not one of USAGE_GROUPS
+        window = (since, math.inf if until is None else until)
+        rows = await self._call(lambda c: c.execute(query, window).fetchall())
         return [UsageSummary(str(g), int(n), int(e or 0), int(p or 0), int(t or 0)) for g, n, e, p, t in rows]
 
     async def prune(self, audit_before: float | None, usage_before: float | None) -> tuple[int, int]:
