@@ -9,7 +9,7 @@ COLLECTION_LINK := .ansible/collections/ansible_collections/llmfleet/aws
 EMULATOR_PORT ?= 5000
 
 .PHONY: help demo test test-fast test-agent test-collection test-roles sanity lint format bench emulator emulator-stop \
-	system-deps venv lock clean
+	bench-store system-deps venv lock clean
 
 help:
 	@echo "make demo       run the agent on this machine (real ollama if on PATH, else the simulator)"
@@ -18,6 +18,7 @@ help:
 	@echo "make lint       ruff check and format check"
 	@echo "make format     ruff format and fix"
 	@echo "make bench      the proxy against a direct connection; JSON under bench/results/"
+	@echo "make bench-store  the PostgreSQL store: 10M records, 30-day reports, insert rates (about 5 min)"
 	@echo "make emulator   start the local AWS emulator on 127.0.0.1:$(EMULATOR_PORT) (make emulator-stop)"
 	@echo "make sanity     ansible-test sanity on the built collection"
 	@echo "make lock       pin the newest allowed versions in constraints.txt (on purpose; then make test)"
@@ -101,6 +102,11 @@ test-fast: lint test-agent test-collection
 
 bench: venv
 	@$(BIN)/python bench/bench.py $(BENCH_ARGS)
+
+# on a durable throwaway PostgreSQL; BENCH_STORE_ARGS="--records 1000000" for a shorter run, "--quick" for a
+# check that it works
+bench-store: venv
+	@$(BIN)/python bench/bench_store.py $(BENCH_STORE_ARGS)
 
 demo: venv
 	@scripts/demo.sh

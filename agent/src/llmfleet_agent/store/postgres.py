@@ -115,35 +115,55 @@ def _json_clean(value: Any) -> Any:
     return value
 
 
-# the groups of a report, as base.USAGE_GROUPS defines their labels: fixed SQL, never built from input
-_LABELS = {
+# the groups of a report, as base.USAGE_GROUPS defines their labels: fixed SQL, never built from input.
+# Each: the roll-up columns it needs, the same from raw rows, its label, and whether it names keys. Both
+# parts are summed by those columns first, so only a few hundred rows are joined, labelled and sorted.
+_GROUPS = {
     "key": (
+        "key_id",
+        "coalesce(key_id, '') AS key_id",
         "CASE WHEN p.key_id = '' THEN '-'"
-        " ELSE p.key_id || coalesce(' (' || nullif(k.name, '') || ')', '') END"
+        " ELSE p.key_id || coalesce(' (' || nullif(k.name, '') || ')', '') END",
+        True,
     ),
-    "user": "coalesce(nullif(p.user_name, ''), nullif(k.name, ''), '-')",
-    "model": "coalesce(nullif(p.model, ''), '-')",
-    "host": "coalesce(nullif(p.host, ''), '-')",
-    "day": "to_char(p.day, 'YYYY-MM-DD')",
+    "user": (
+        "user_name, key_id",
+        "coalesce(user_name, '') AS user_name, coalesce(key_id, '') AS key_id",
+        "coalesce(nullif(p.user_name, ''), nullif(k.name, ''), '-')",
+        True,
+    ),
+    "model": ("model", "coalesce(model, '') AS model", "coalesce(nullif(p.model, ''), '-')", False),
+    "host": ("host", "coalesce(host, '') AS host", "coalesce(nullif(p.host, ''), '-')", False),
+    "day": ("day", "(ts AT TIME ZONE 'UTC')::date AS day", "to_char(p.day, 'YYYY-MM-DD')", False),
 }
 # whole days [$3, $4) from the roll-ups; the partial days [$1, $5) and [$6, $2) from raw rows
 _REPORT = """
 WITH p AS (
-    SELECT day, host, key_id, user_name, model, requests, errors, prompt_tokens, completion_tokens
+    SELECT {daily}, sum(requests) AS requests, sum(errors) AS errors,
+           sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens
     FROM usage_daily WHERE day >= $3 AND day < $4
+    GROUP BY {daily}
     UNION ALL
-    SELECT (ts AT TIME ZONE 'UTC')::date, coalesce(host, ''), coalesce(key_id, ''), coalesce(user_name, ''),
-           coalesce(model, ''), count(*), count(*) FILTER (WHERE status >= 400),
+    SELECT {raw}, count(*), count(*) FILTER (WHERE status >= 400),
            coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0)
     FROM usage WHERE (ts >= $1 AND ts < $5) OR (ts >= $6 AND ts < $2)
-    GROUP BY 1, 2, 3, 4, 5
+    GROUP BY {positions}
 )
 SELECT ({label}) COLLATE "C" AS grp,
        sum(p.requests), sum(p.errors), sum(p.prompt_tokens), sum(p.completion_tokens)
-FROM p LEFT JOIN keys k ON k.id = nullif(p.key_id, '')
+FROM p {join}
 GROUP BY 1 ORDER BY 1
 """
-_REPORTS = {by: _REPORT.format(label=label) for by, label in _LABELS.items()}
+_REPORTS = {
+    by: _REPORT.format(
+        daily=daily,
+        raw=raw,
+        positions=", ".join(str(i + 1) for i in range(daily.count(",") + 1)),
+        label=label,
+        join="LEFT JOIN keys k ON k.id = nullif(p.key_id, '')" if names_keys else "",
+    )
+    for by, (daily, raw, label, names_keys) in _GROUPS.items()
+}
 
 
 def _key_from_row(row: asyncpg.Record) -> KeyRecord:
@@ -210,6 +230,9 @@ class PostgresStore:
             "command_timeout": self._statement_timeout,
             "server_settings": {
                 "application_name": "llmfleet-agent",
+                # the agent's statements are short: JIT compilation cost more than it saved (the report
+                # over 10M rows, docs/performance.md)
+                "jit": "off",
                 "statement_timeout": str(int(self._statement_timeout * 1000)),
             },
         }
