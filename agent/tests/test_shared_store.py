@@ -326,3 +326,15 @@ def test_keys_while_the_database_is_away(make_agent: Any, fleet_db: FleetDB) -> 
     finally:
         fleet_db.postgres.start()
     wait_until(lambda: chat(fresh, key) == 200, 15, "the fresh agent to know the key")
+
+
+def test_a_ca_file_the_agent_cannot_read_is_named(make_agent: Any, fleet_db: FleetDB) -> None:
+    store = {
+        **fleet_db.store(),
+        "url": fleet_db.store()["url"].replace(str(fleet_db.postgres.ca), "/nonexistent/ca.pem"),
+    }
+    agent = make_agent({**fleet_db.agent_overrides("i-ca"), "store": store}, name="ca")
+    agent.proc = Proc([AGENT, "serve", "--config", str(agent.config_path)], agent.dir / "agent.log")
+    assert agent.proc.wait(30) == 1
+    assert "sslrootcert /nonexistent/ca.pem: cannot load the CA file" in agent.log()
+    assert "cannot listen" not in agent.log()

@@ -65,7 +65,10 @@ def read_password(path: Path) -> str:
 def ssl_context(url: PostgresURL) -> ssl.SSLContext | bool:
     if url.sslmode == "disable":
         return False
-    ctx = ssl.create_default_context(cafile=str(url.sslrootcert) if url.sslrootcert else None)
+    try:
+        ctx = ssl.create_default_context(cafile=str(url.sslrootcert) if url.sslrootcert else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise StoreError(f"sslrootcert {url.sslrootcert}: cannot load the CA file: {exc}") from None
     ctx.check_hostname = True  # verify-full: the only verified mode urls.py admits
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx
@@ -215,6 +218,7 @@ class PostgresStore:
         self._pool: asyncpg.Pool | None = None
         self._months: set[tuple[int, int]] = set()
         self._checker: asyncio.Task[None] | None = None
+        self._ssl = ssl_context(url)
 
     # --- connections -------------------------------------------------------------------------------------
 
@@ -225,7 +229,7 @@ class PostgresStore:
             "user": self.url.user,
             "database": self.url.database,
             "password": self._password,
-            "ssl": ssl_context(self.url),
+            "ssl": self._ssl,
             "timeout": self._connect_timeout,
             "command_timeout": self._statement_timeout,
             "server_settings": {
