@@ -397,3 +397,26 @@ async def test_a_store_away_at_start_opens_and_answers_later(postgres: Any, pg_d
             await store.list_keys()
     finally:
         await store.close()
+
+
+def test_the_password_comes_from_the_systemd_credential_when_there_is_one(
+    tmp_path: Any, monkeypatch: Any
+) -> None:
+    """store.password_file names the root-only source; under systemd (LoadCredential=) the service reads
+    the copy in $CREDENTIALS_DIRECTORY of the same name instead; without one, the file itself."""
+    from llmfleet_agent.store.postgres import read_password
+
+    source = tmp_path / "etc" / "db-password"
+    source.parent.mkdir()
+    source.write_text("from-the-file\n")
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    assert read_password(source) == "from-the-file"
+    creds = tmp_path / "run-credentials"
+    creds.mkdir()
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    assert read_password(source) == "from-the-file"  # no credential of that name: the file
+    (creds / "db-password").write_text("from-systemd")
+    assert read_password(source) == "from-systemd"
+    (creds / "db-password").write_text("")
+    with pytest.raises(StoreError, match="is empty"):
+        read_password(source)

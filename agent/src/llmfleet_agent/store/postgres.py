@@ -50,8 +50,15 @@ def read_password(path: Path) -> str:
     """The password in `path`, or in the systemd credential of that name when the service was given one
     ($CREDENTIALS_DIRECTORY/<name>: LoadCredential= in the unit; the service user cannot read the source)."""
     credentials = os.environ.get("CREDENTIALS_DIRECTORY")
-    if credentials and (Path(credentials) / path.name).is_file():
-        path = Path(credentials) / path.name
+    if credentials:
+        candidate = Path(credentials) / path.name
+        try:
+            if candidate.is_file():
+                path = candidate
+        except OSError as exc:  # a credentials directory the service cannot read: say so, by name
+            raise StoreError(
+                f"store.password_file: cannot read the systemd credential {candidate}: {exc.strerror}"
+            ) from None
     try:
         text = path.read_text()
     except OSError as exc:
