@@ -47,13 +47,22 @@ SERVER = ROOT / "scripts" / "emulator" / "server.py"
 
 
 def start(
-    port: int = DEFAULT_PORT, state_dir: Path = STATE, timeout: float = 30.0
+    port: int = DEFAULT_PORT,
+    state_dir: Path = STATE,
+    timeout: float = 30.0,
+    settings: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes] | None:
-    """Start the emulator on 127.0.0.1:`port`; None when one already answers there."""
+    """Start the emulator on 127.0.0.1:`port`; None when one already answers there. `settings`: extra
+    environment, such as LLMFLEET_EMULATOR_RDS_POSTGRES (scripts/emulator/rds_postgres.py)."""
     if answers(port):
         return None
     state_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "MOTO_IAM_LOAD_MANAGED_POLICIES": "true", "MOTO_AMIS_PATH": str(AMIS)}
+    env = {
+        **os.environ,
+        "MOTO_IAM_LOAD_MANAGED_POLICIES": "true",
+        "MOTO_AMIS_PATH": str(AMIS),
+        **(settings or {}),
+    }
     log = (state_dir / f"moto-{port}.log").open("ab")
     proc = subprocess.Popen(
         [sys.executable, str(SERVER), "-H", "127.0.0.1", "-p", str(port)],

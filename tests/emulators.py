@@ -17,8 +17,11 @@ from agent_fleet import free_port
 
 
 @contextlib.contextmanager
-def running_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A new, empty emulator on its own port: its URL, while the block runs."""
+def running_emulator(
+    tmp_path_factory: pytest.TempPathFactory, settings: dict[str, str] | None = None
+) -> Iterator[str]:
+    """A new, empty emulator on its own port: its URL, while the block runs. `settings`: extra environment
+    for it (LLMFLEET_EMULATOR_RDS_POSTGRES: RDS instances backed by a real PostgreSQL)."""
     if importlib.util.find_spec("moto") is None:
         message = "moto is not installed (make test installs it)"
         if os.environ.get("CI") == "true":
@@ -26,7 +29,7 @@ def running_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         pytest.skip(message)
     port = free_port()
     state = tmp_path_factory.mktemp("emulator")
-    emulator.start(port, state)
+    emulator.start(port, state, settings=settings)
     try:
         yield emulator.url_for(port)
     finally:

@@ -27,6 +27,9 @@ Each fix makes the emulator do what AWS documents, so the roles carry no emulato
 - GetSecretValue of a secret scheduled for deletion answers AWS's InvalidRequestException message ("You
   can't perform this operation on the secret because it was marked for deletion."), which the amazon.aws
   secretsmanager_secret lookup recognises (on_deleted); moto's own wording made it a plain failure.
+- RDS PostgreSQL instances backed by a real server, when LLMFLEET_EMULATOR_RDS_POSTGRES names one
+  (scripts/emulator/rds_postgres.py): CreateDBInstance makes the master role (no superuser, as on RDS) and
+  the database there, and the endpoint's address is that server's.
 - Launching and starting instances (scripts/emulator/launch.py): InsufficientInstanceCapacity for the
   instance types and zones a test takes away, GetServiceQuota for EC2's per-family vCPU quotas (a control
   at /llmfleet-emulator/capacity and /llmfleet-emulator/quotas), and the groupSet attribute of an instance
@@ -43,6 +46,7 @@ import threading
 from typing import Any
 
 import launch as launching  # scripts/emulator/launch.py, beside this file
+import rds_postgres  # scripts/emulator/rds_postgres.py
 from moto.ec2.exceptions import DependencyViolationError, EC2ClientError
 from moto.ec2.models import instances as ec2_instances
 from moto.ec2.models import nat_gateways as ec2_nat_gateways
@@ -388,6 +392,7 @@ def apply() -> None:
     rds.DBParameterGroup.__init__ = _parameter_group_init(rds.DBParameterGroup.__init__)  # type: ignore[method-assign]
     rds.DBInstance.__init__ = _instance_init(rds.DBInstance.__init__)  # type: ignore[method-assign]
     launching.apply()
+    rds_postgres.apply()
     apply_spot()
     nat = ec2_nat_gateways.NatGatewayBackend
     nat.delete_nat_gateway = _delete_nat_gateway(nat.delete_nat_gateway)  # type: ignore[method-assign]

@@ -179,3 +179,70 @@ def test_the_sweeps_default_threshold_is_a_duration(tmp_path: Path) -> None:
     for value in ["2w", "1.5h", "never", "900"]:
         assert "idle_shutdown_operator_key" in found[value], (value, found[value])
     assert "idle_shutdown_default_idle_after: 'soon' is not a duration" in found["soon"], found["soon"]
+
+
+def test_the_database_preflight_checks_retention_and_its_three_roles(tmp_path: Path) -> None:
+    def database(**extra: object) -> dict[str, object]:
+        return {"database_deployment": "acme-llm", "database_aws": {}, **extra}
+
+    found = run_steps(
+        tmp_path,
+        [
+            {"id": "defaults", "role": "database", "tasks_from": "preflight", "vars": database()},
+            {
+                "id": "never",
+                "role": "database",
+                "tasks_from": "preflight",
+                "vars": database(database_usage_retention="never", database_audit_retention="2w"),
+            },
+            {
+                "id": "bad",
+                "role": "database",
+                "tasks_from": "preflight",
+                "vars": database(database_audit_retention="a year"),
+            },
+            {
+                "id": "same",
+                "role": "database",
+                "tasks_from": "preflight",
+                "vars": database(database_agent_username="llmfleet_owner"),
+            },
+        ],
+    )
+    assert found["defaults"] == "passed" and found["never"] == "passed", found
+    assert "database_audit_retention (llmfleet_audit_retention): 'a year' is not a duration" in found["bad"]
+    assert (
+        "database_agent_username=llmfleet_owner" in found["same"] and "three different roles" in found["same"]
+    )
+
+
+def test_the_agent_preflight_names_what_a_postgresql_store_lacks(tmp_path: Path) -> None:
+    def agent(**extra: object) -> dict[str, object]:
+        return {"agent_deployment": "acme-llm", "agent_store": "postgresql", **extra}
+
+    full = {"host": "db.internal", "database": "llmfleet", "user": "llmfleet_agent", "ca_bundle": "/ca.pem"}
+    found = run_steps(
+        tmp_path,
+        [
+            {
+                "id": "no-password",
+                "role": "agent",
+                "tasks_from": "preflight",
+                "vars": agent(agent_store_postgres=full),
+            },
+            {
+                "id": "no-owner",
+                "role": "agent",
+                "tasks_from": "preflight",
+                "vars": agent(
+                    agent_store_postgres={**full, "password": "s3cret-agent-password"},
+                    agent_keys=[{"name": "ops", "role": "operator"}],
+                ),
+            },
+            {"id": "unknown", "role": "agent", "tasks_from": "preflight", "vars": agent(agent_store="mysql")},
+        ],
+    )
+    assert "agent_store_postgres=" in found["no-password"] and "a mapping {host" in found["no-password"]
+    assert "s3cret-agent-password" not in json.dumps(found)
+    assert "agent_store_owner=" in found["no-owner"] and "writes keys" in found["no-owner"], found["no-owner"]
+    assert "agent_store=mysql" in found["unknown"], found["unknown"]

@@ -1,7 +1,11 @@
 """site.yml against the emulator, end to end: build, converge (changed=0), check mode, what AWS holds,
 the summary, this machine configured as the GPU host (inventories/local), and teardown. The tests run in
 file order on one deployment, in an emulator of their own that starts empty: the first site.yml run finds
-its GPU host as production does, through the aws_ec2 inventory, after creating it."""
+its GPU host as production does, through the aws_ec2 inventory, after creating it.
+
+The deployment runs as production does, on the shared PostgreSQL store (llmfleet_store=postgresql): its
+RDS instance is a real PostgreSQL server (the emulator's LLMFLEET_EMULATOR_RDS_POSTGRES: the master role
+it makes is no superuser, as on RDS), reached with TLS verified against a CA bundle given as the RDS one."""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import yaml
 from agent_fleet import bearer, free_port, http, wait_until
 from conftest import client_factory, running_emulator
 from playbook_runs import PlaybookRun, ansible_playbook
+from postgres import PostgresServer
 from support import Proc
 
 pytestmark = pytest.mark.slow
@@ -27,7 +32,7 @@ DEPLOYMENT_TAG = {"Key": "llmfleet:deployment", "Value": DEPLOYMENT}
 
 
 class Deployment:
-    def __init__(self, endpoint: str, state_dir: Path) -> None:
+    def __init__(self, endpoint: str, state_dir: Path, database: PostgresServer) -> None:
         # the inventory (its group_vars and its aws_ec2 file alike) takes the deployment from the environment
         self.env = {"AWS_ENDPOINT_URL": endpoint, "LLMFLEET_DEPLOYMENT": DEPLOYMENT}
         self.state_dir = state_dir
@@ -37,7 +42,13 @@ class Deployment:
             *("-e", f"llmfleet_state_dir={state_dir}"),
             *("-e", f"llmfleet_agent_port={self.agent_port}"),
             *("-e", f"llmfleet_agent_ollama_port={free_port()}"),
+            # the shared store, on the server behind the emulator's RDS instance
+            *("-e", "llmfleet_store=postgresql"),
+            *("-e", f"llmfleet_database_port={database.port}"),
+            *("-e", f"llmfleet_database_ca_bundle={database.ca}"),
+            *("-e", "llmfleet_usage_retention=200d"),
         ]
+        self.database = database
         self.runs: list[PlaybookRun] = []
 
     def play(self, playbook: str, *args: str) -> PlaybookRun:
@@ -47,9 +58,20 @@ class Deployment:
 
 
 @pytest.fixture(scope="module")
-def aws_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """This module's own emulator, empty at the start (as a fresh account)."""
-    with running_emulator(tmp_path_factory) as url:
+def database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """The PostgreSQL server the emulator's RDS instance is (an empty cluster)."""
+    server = PostgresServer(tmp_path_factory.mktemp("rds")).start()
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture(scope="module")
+def aws_endpoint(tmp_path_factory: pytest.TempPathFactory, database: PostgresServer) -> Iterator[str]:
+    """This module's own emulator, empty at the start (as a fresh account), its RDS backed by `database`."""
+    settings = {"LLMFLEET_EMULATOR_RDS_POSTGRES": database.admin_dsn()}
+    with running_emulator(tmp_path_factory, settings) as url:
         yield url
 
 
@@ -59,9 +81,11 @@ def aws(aws_endpoint: str) -> Any:
 
 
 @pytest.fixture(scope="module")
-def deployment(aws_endpoint: str, aws: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+def deployment(
+    aws_endpoint: str, aws: Any, tmp_path_factory: pytest.TempPathFactory, database: PostgresServer
+) -> Iterator[Deployment]:
     assert aws("ec2").describe_instances()["Reservations"] == []  # nothing there before the run
-    dep = Deployment(aws_endpoint, tmp_path_factory.mktemp("state"))
+    dep = Deployment(aws_endpoint, tmp_path_factory.mktemp("state"), database)
     first = dep.play("site.yml", "-v")
     assert first.returncode == 0, first.output[-5000:]
     yield dep
@@ -276,7 +300,8 @@ def test_a_secret_the_hosts_read_is_granted_by_one_list_entry(deployment: Deploy
 
 def test_passwords_are_in_secrets_manager_and_never_in_the_output(deployment: Deployment, aws: Any) -> None:
     secrets = aws("secretsmanager")
-    for name in (f"llmfleet/{DEPLOYMENT}/directory-admin", f"llmfleet/{DEPLOYMENT}/database-master"):
+    for suffix in ("directory-admin", "database-master", "database-owner", "database-agent"):
+        name = f"llmfleet/{DEPLOYMENT}/{suffix}"
         value = secrets.get_secret_value(SecretId=name)["SecretString"]
         assert len(value) >= 16
         for run in deployment.runs:
@@ -288,7 +313,7 @@ def test_summary_is_printed_and_written(deployment: Deployment, aws: Any) -> Non
     assert outputs["deployment"] == DEPLOYMENT and outputs["vpc_id"] == vpc_id(aws)
     assert len(outputs["private_subnet_ids"]) == 2
     assert outputs["directory"]["id"].startswith("d-") and len(outputs["directory"]["dns_ip_addrs"]) == 2
-    assert outputs["database"]["endpoint"] and outputs["database"]["port"] == 5432
+    assert outputs["database"]["endpoint"] and outputs["database"]["port"] == deployment.database.port
     assert sorted(h["name"] for h in outputs["gpu_hosts"]) == ["gpu-a", "gpu-b"]
     assert all(h["private_ip"] for h in outputs["gpu_hosts"])
     assert "written to" in deployment.runs[0].stdout and outputs["vpc_id"] in deployment.runs[0].stdout
@@ -333,8 +358,79 @@ def test_host_stage_leaves_this_machine_ready_to_serve(deployment: Deployment, t
         code, body, _headers = http("GET", agent.url + "/api/tags", headers=bearer(agent.key("demo-user")))
         assert code == 200 and [m["name"] for m in body["models"]] == ["tinyllama:latest"], body
         assert http("GET", agent.url + "/api/tags")[0] == 401
+        # the record reaches the shared database, naming this host (its instance id)
+        body = {"model": "tinyllama:latest", "prompt": "hi", "stream": False, "options": {"num_predict": 2}}
+        code, _answer, _headers = http(
+            "POST", agent.url + "/api/generate", body, headers=bearer(agent.key("demo-user"))
+        )
+        assert code == 200
+        query = "SELECT count(*) FROM usage WHERE route = '/api/generate' AND host LIKE 'i-%'"
+        wait_until(
+            lambda: deployment.database.psql(query, "llmfleet") == "1", 30, "the usage record in PostgreSQL"
+        )
     finally:
         proc.stop()
+
+
+def secret(aws: Any, name: str) -> str:
+    return str(
+        aws("secretsmanager").get_secret_value(SecretId=f"llmfleet/{DEPLOYMENT}/{name}")["SecretString"]
+    )
+
+
+def test_the_database_gets_an_owner_and_an_agent_role_through_the_host(deployment: Deployment) -> None:
+    """db setup ran once through the GPU host with the master credential (no superuser, as on RDS): the
+    owner owns the database, the agent role may only do what an agent does, PUBLIC may not connect; db
+    upgrade applied the schema and the deployment's retention."""
+    db = deployment.database
+    roles = db.psql(
+        "SELECT rolname, rolsuper, rolcreaterole FROM pg_roles WHERE rolname LIKE 'llmfleet%' ORDER BY 1"
+    ).splitlines()
+    assert roles == [
+        "llmfleet_admin|f|t",  # the master, made by the emulator as RDS makes it
+        "llmfleet_agent|f|f",
+        "llmfleet_agent_access|f|f",
+        "llmfleet_owner|f|f",
+    ]
+    assert (
+        db.psql("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = 'llmfleet'")
+        == "llmfleet_owner"
+    )
+    assert db.psql("SELECT pg_has_role('llmfleet_agent', 'llmfleet_agent_access', 'MEMBER')") == "t"
+    assert db.psql("SELECT pg_has_role('llmfleet_agent', 'llmfleet_owner', 'MEMBER')") == "f"
+    assert db.psql("SELECT has_database_privilege('public', 'llmfleet', 'CONNECT')") == "f"
+    settings = db.psql(
+        "SELECT name, (extract(epoch FROM value) / 86400)::int FROM llmfleet_settings ORDER BY 1", "llmfleet"
+    )
+    assert settings.splitlines() == ["audit_retention|90", "usage_retention|200"]
+    names = db.psql("SELECT name FROM keys WHERE revoked IS NULL ORDER BY name", "llmfleet").splitlines()
+    assert names == ["demo-operator", "demo-user"]
+
+
+def test_the_host_keeps_only_the_agent_password_and_verifies_the_server(
+    deployment: Deployment, aws: Any
+) -> None:
+    host = deployment.state_dir / "host"
+    config_text = (host / "etc/llmfleet/agent.yaml").read_text()
+    store = yaml.safe_load(config_text)["store"]
+    ca = host / "etc/llmfleet/db-ca.pem"
+    assert store["url"] == (
+        f"postgresql://llmfleet_agent@127.0.0.1:{deployment.database.port}/llmfleet"
+        f"?sslmode=verify-full&sslrootcert={ca}"
+    )
+    assert ca.read_bytes() == Path(deployment.database.ca).read_bytes()
+    password_file = Path(store["password_file"])
+    assert password_file == host / "etc/llmfleet/credentials/db-password"
+    assert password_file.stat().st_mode & 0o777 == 0o600
+    assert password_file.parent.stat().st_mode & 0o777 == 0o700
+    assert password_file.read_text() == secret(aws, "database-agent")
+    # neither the master's nor the owner's password is anywhere on the host, nor any password in the config
+    others = [secret(aws, "database-master").encode(), secret(aws, "database-owner").encode()]
+    for directory in (host / "etc", host / "var"):
+        for path in (p for p in directory.rglob("*") if p.is_file() and not p.is_symlink()):
+            content = path.read_bytes()
+            assert not any(other in content for other in others), f"a database password is in {path}"
+    assert secret(aws, "database-agent") not in config_text
 
 
 def test_a_key_taken_off_the_list_is_revoked_on_the_host(deployment: Deployment) -> None:
@@ -344,7 +440,7 @@ def test_a_key_taken_off_the_list_is_revoked_on_the_host(deployment: Deployment)
     only_operator = json.dumps({"llmfleet_agent_keys": [{"name": "demo-operator", "role": "operator"}]})
     run = deployment.play("playbooks/configure.yml", "-e", only_operator)
     assert run.returncode == 0, run.output[-5000:]
-    assert "Revoke the keys that are not declared" in run.stdout and "demo-user" in run.stdout
+    assert "Revoke the keys that are not declared" in run.stdout
     after = agent.listed()
     assert after["demo-user"]["revoked"] is not None, after
     assert after["demo-operator"]["revoked"] is None, after
@@ -581,11 +677,13 @@ def test_teardown_needs_confirmation_then_removes_everything(deployment: Deploym
         "SpotInstanceRequests"
     ]
     assert request["State"] == "cancelled"
-    # the database's master password stays recoverable (final snapshots restore with it); no other secret does
+    # the database's passwords stay recoverable (final snapshots restore with those roles); no other does
     kept = [
         s
         for s in secrets.list_secrets(IncludePlannedDeletion=True)["SecretList"]
         if s["Name"].startswith(f"llmfleet/{DEPLOYMENT}/")
     ]
-    assert [s["Name"] for s in kept] == [f"llmfleet/{DEPLOYMENT}/database-master"]
-    assert "DeletedDate" in kept[0]
+    assert sorted(s["Name"] for s in kept) == [
+        f"llmfleet/{DEPLOYMENT}/database-{role}" for role in ("agent", "master", "owner")
+    ]
+    assert all("DeletedDate" in s for s in kept)
