@@ -320,7 +320,8 @@ async def test_records_of_an_outage_arrive_after_it_once_and_in_order(
     outage.away = False
     for record in sent[300:]:  # records keep coming: they go behind the spooled ones
         writer.add(record)
-    await until(lambda: writer.written == 400, "everything to be written")
+    # the spool is emptied after its records are in the store: wait for both, not for the count alone
+    await until(lambda: writer.written == 400 and spool.empty, "everything written, the spool emptied")
     assert spool.empty and spool.records == 0 and segments(tmp_path / "spool") == []
     assert stored_ids(store.path) == [r.request_id for r in sent]  # once each, in order
     assert writer.failing_since is None
