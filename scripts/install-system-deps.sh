@@ -13,6 +13,10 @@ packages=(
   runc
   debootstrap    # the container's Debian root filesystem (scripts/test-image.sh)
   postgresql     # the shared store's tests and `make bench-store`: a real PostgreSQL server
+  samba          # LDAP login tests: a real Active Directory domain controller (agent/tests/samba.py)
+  samba-ad-dc    # ... its AD database modules (samba-dsdb-modules), not pulled in without recommends
+  samba-ad-provision  # ... the schema and templates `samba-tool domain provision` needs
+  ldb-tools      # ldbsearch: look into the test domain controller's database when a test fails
 )
 
 missing=()

@@ -182,10 +182,11 @@ def test_store_urls_that_are_accepted(url: str) -> None:
     assert parse_config({"store": {"url": url}}).store.url == url
 
 
-def test_the_configuration_examples_in_the_docs_are_valid() -> None:
-    """Every YAML example of docs/agent.md is a configuration the agent accepts."""
-    text = (Path(__file__).resolve().parents[2] / "docs" / "agent.md").read_text()
+@pytest.mark.parametrize(("doc", "least"), [("agent.md", 2), ("directory.md", 1)])
+def test_the_configuration_examples_in_the_docs_are_valid(doc: str, least: int) -> None:
+    """Every YAML example of docs/agent.md and docs/directory.md is a configuration the agent accepts."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / doc).read_text()
     blocks = re.findall(r"```yaml\n(.*?)```", text, re.S)
-    assert len(blocks) >= 2
+    assert len(blocks) >= least
     for block in blocks:
-        parse_config(yaml.safe_load(block), "docs/agent.md")
+        parse_config(yaml.safe_load(block), f"docs/{doc}")

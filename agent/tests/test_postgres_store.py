@@ -10,12 +10,15 @@ import secrets
 import ssl
 import time
 from collections import defaultdict
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
 import asyncpg
 import pytest
 
+from llmfleet_agent.keys import KeyRecord
+from llmfleet_agent.roles import Role
 from llmfleet_agent.store import migrations
 from llmfleet_agent.store.base import USAGE_GROUPS, AuditRecord
 from llmfleet_agent.store.errors import StoreError
@@ -137,6 +140,15 @@ async def test_three_agents_upgrading_at_once_apply_each_migration_once(
             await c.close()
 
 
+async def as_owner_store(postgres: Any, database: str, owner: Any, key: KeyRecord) -> None:
+    store = store_for(postgres, database, owner.user, owner.password)
+    await store.open()
+    try:
+        await store.put_key(key)
+    finally:
+        await store.close()
+
+
 async def test_the_agent_role_may_only_do_what_an_agent_does(postgres: Any, pg_database: str) -> None:
     owner, agent = await with_roles(postgres, pg_database)
     # the agent's credential cannot migrate: the agent says who must
@@ -178,9 +190,56 @@ async def test_the_agent_role_may_only_do_what_an_agent_does(postgres: Any, pg_d
                 # what expires is the owner's setting, not a host's
                 "UPDATE llmfleet_settings SET value = interval '1 second'",
                 "SELECT lo_import('/etc/passwd')",
+                "DELETE FROM llmfleet_leases",
             ):
                 with pytest.raises(asyncpg.exceptions.InsufficientPrivilegeError):
                     await conn.execute(statement)
+            # keys only through the personal-key functions, which touch personal keys only: an operator's
+            # key can be neither made, changed nor revoked from a host
+            operators = KeyRecord.new("llmf_" + "o" * 40, "ops", Role.OPERATOR)
+            await as_owner_store(postgres, pg_database, owner, operators)
+            with pytest.raises(asyncpg.exceptions.InsufficientPrivilegeError):
+                await store.put_key(KeyRecord.new("llmf_" + "x" * 40, "x", Role.ADMIN))
+            with pytest.raises(asyncpg.exceptions.RaiseError, match="needs an owner"):
+                await conn.execute(
+                    "SELECT llmfleet_put_personal_key('x', 'x', 'admin', 'h', '[]', 1, NULL, NULL, NULL,"
+                    " NULL, NULL, NULL, NULL, NULL, NULL)"
+                )
+            await conn.execute("SELECT llmfleet_set_personal_grant($1, 'user', '[]', NULL, 1)", operators.id)
+            await conn.execute("SELECT llmfleet_revoke_personal_key($1, 1)", operators.id)
+            assert await store.get_key(operators.id) == operators
+            guid = "01a355f7-abd1-46bd-af83-be128a8ac944"
+            personal = replace(KeyRecord.new("llmf_" + "p" * 40, "mine", Role.USER, ttl=3600), owner_id=guid)
+            await store.put_key(personal)
+            stored = await store.get_key(personal.id)
+            assert stored is not None and stored.checked is not None  # the database's clock, not the host's
+            await store.set_key_grant(personal.id, Role.USER, ("tinyllama*",), "the account is disabled", 5.0)
+            changed = await store.get_key(personal.id)
+            assert changed is not None and changed.suspended == "the account is disabled"
+            assert changed.models == ("tinyllama*",) and changed.checked == stored.checked
+            # what a host may not put in a personal key: more than operator, no expiry, a bad owner or models
+            for bad in (
+                replace(personal, id="b1", role=Role.ADMIN),
+                replace(personal, id="b2", expires=None),
+                replace(personal, id="b3", expires=time.time() + 500 * 86400),
+                replace(personal, id="b4", owner_id="not-a-guid"),
+            ):
+                with pytest.raises(asyncpg.exceptions.RaiseError):
+                    await store.put_key(bad)
+            with pytest.raises(asyncpg.exceptions.RaiseError):
+                await store.set_key_grant(personal.id, Role.ADMIN, (), None, None)
+            with pytest.raises(asyncpg.exceptions.RaiseError):
+                await conn.execute(
+                    "SELECT llmfleet_set_personal_grant($1, 'user', 'null', NULL, 1)", personal.id
+                )
+            # a lease lasts at most an hour, whatever a host asks
+            assert await store.take_lease("job", "i-x", 1e9)
+            until = postgres.psql(
+                "SELECT extract(epoch FROM until - now()) FROM llmfleet_leases", pg_database
+            )
+            assert float(until) <= 3600
+            with pytest.raises(asyncpg.exceptions.UniqueViolationError):  # no overwriting a key by its id
+                await store.put_key(personal)
         finally:
             await conn.close()
     finally:

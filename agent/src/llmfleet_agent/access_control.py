@@ -23,6 +23,8 @@ from .store import AuditRecord
 
 _ATTR = "llmfleet_role"
 _PUBLIC = PUBLIC = "public"
+# the handler authenticates the caller itself (directory credentials or a key): personal_keys.py
+SELF_SERVICE = "self-service"
 REQUEST_KEY = "llmfleet_key"
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -38,6 +40,13 @@ def requires(role: Role) -> Callable[[F], F]:
 
 def public(handler: F) -> F:
     setattr(handler, _ATTR, _PUBLIC)
+    return handler
+
+
+def self_service(handler: F) -> F:
+    """The handler checks who asks itself (HTTP Basic directory credentials, or a key) before it reads a
+    body; it must refuse every request it cannot attribute."""
+    setattr(handler, _ATTR, SELF_SERVICE)
     return handler
 
 
@@ -58,6 +67,8 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     needed = role_of(route_handler)
     if needed == _PUBLIC:
         await send_continue(request)
+        return await handler(request)
+    if needed == SELF_SERVICE:
         return await handler(request)
     result = await request.app[KEYRING].authenticate(request)
     if isinstance(result, AuthFailure):

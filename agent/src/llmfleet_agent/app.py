@@ -26,10 +26,12 @@ from .appkeys import (
     ACTIVITY,
     AUDIT,
     CONFIG,
+    DIRECTORY,
     GATE,
     HOST_ID,
     KEYRING,
     LIMITER,
+    LOGIN_THROTTLE,
     METRICS,
     PROBES,
     SESSION,
@@ -40,10 +42,14 @@ from .appkeys import (
 )
 from .auth import KeyRing
 from .batching import BatchWriter
-from .config import Config, ConfigError
+from .config import DEFAULT_MAX_STALE, Config, ConfigError
 from .control import routes as control_routes
+from .credentials import CredentialError, read_credential
+from .directory import Directory
 from .http_errors import add_routes, error_middleware
+from .login_throttle import LoginThrottle
 from .metrics import Metrics
+from .personal_keys import routes as personal_routes
 from .probes import ProbeSampler, default_probes, gpu_busy, logins_open
 from .proxy.gate import Gate
 from .proxy.handler import add_proxy_routes
@@ -51,6 +57,7 @@ from .proxy.limits import KeyLimiter
 from .proxy.routes import ROUTES
 from .reports import routes as report_routes
 from .retention import Pruner
+from .revalidation import Revalidator
 from .spool import Spool, dataclass_codec
 from .store import AuditRecord, open_store
 from .supervisor import Supervisor
@@ -120,12 +127,41 @@ async def _keys_ctx(app: web.Application) -> AsyncIterator[None]:
     cache = None if cfg.store.sqlite_path is not None else cfg.resolved_state_dir / "keys-cache.json"
     lookup_timeout = cfg.store.connect_timeout + cfg.store.statement_timeout
     keyring = KeyRing(
-        app[STORE], auth.refresh_interval, app[AUDIT], auth.failure_window, cache, lookup_timeout
+        app[STORE],
+        auth.refresh_interval,
+        app[AUDIT],
+        auth.failure_window,
+        cache,
+        lookup_timeout,
+        # without auth.ldap nothing confirms personal keys' owners here: they end after the default max_stale
+        personal_max_stale=auth.ldap.max_stale if auth.ldap is not None else DEFAULT_MAX_STALE,
     )
     await keyring.start()
     app[KEYRING] = keyring
     yield
     await keyring.stop()
+
+
+async def _directory_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Directory logins (auth.ldap): the client, and the revalidation of personal keys."""
+    ldap = app[CONFIG].auth.ldap
+    assert ldap is not None
+    try:  # the service account's password and the CA must be readable now, not at the first login
+        read_credential(ldap.bind_password_file, "auth.ldap.bind_password_file")
+        if ldap.ca_file is not None:
+            ssl.create_default_context(cafile=str(ldap.ca_file))
+    except CredentialError as exc:
+        raise ConfigError(str(exc)) from None
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"auth.ldap.ca_file: cannot use {ldap.ca_file}: {exc}") from None
+    directory = Directory(ldap)
+    app[DIRECTORY] = directory
+    app[LOGIN_THROTTLE] = LoginThrottle()
+    revalidator = Revalidator(app[STORE], directory, ldap, app[AUDIT], app[HOST_ID])
+    revalidator.start()
+    yield
+    await revalidator.stop()
+    directory.close()
 
 
 async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -191,7 +227,11 @@ def create_app(cfg: Config) -> web.Application:
         lambda: [w for w in (app.get(USAGE), app.get(AUDIT)) if w is not None],
     )
     app[GATE] = Gate()
-    app.cleanup_ctx.extend([_store_ctx, _keys_ctx, _session_ctx, _probes_ctx, _supervisor_ctx])
+    app.cleanup_ctx.extend([_store_ctx, _keys_ctx])
+    if cfg.auth.ldap is not None:  # without it the routes do not exist (401, like any unknown route)
+        app.cleanup_ctx.append(_directory_ctx)
+        add_routes(app, personal_routes)
+    app.cleanup_ctx.extend([_session_ctx, _probes_ctx, _supervisor_ctx])
     app.on_shutdown.append(_close_gate)
     add_routes(app, control_routes)
     add_routes(app, report_routes)

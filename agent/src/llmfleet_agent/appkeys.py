@@ -9,6 +9,8 @@ from .activity import Activity
 from .auth import KeyRing
 from .batching import BatchWriter
 from .config import Config
+from .directory import Directory
+from .login_throttle import LoginThrottle
 from .metrics import Metrics
 from .probes import ProbeSampler
 from .proxy.gate import Gate
@@ -32,3 +34,6 @@ USAGE = web.AppKey("usage", BatchWriter[UsageRecord])
 LIMITER = web.AppKey("limiter", KeyLimiter)
 METRICS = web.AppKey("metrics", Metrics)
 GATE = web.AppKey("gate", Gate)
+# directory logins (auth.ldap); absent when not configured
+DIRECTORY = web.AppKey("directory", Directory)
+LOGIN_THROTTLE = web.AppKey("login_throttle", LoginThrottle)

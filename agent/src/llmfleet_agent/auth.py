@@ -88,8 +88,11 @@ class KeyRing:
         failure_window: float = 60.0,
         cache_path: Path | None = None,
         lookup_timeout: float = 5.0,
+        personal_max_stale: float | None = None,
     ) -> None:
         self._store = store
+        # personal keys whose owner the directory has not confirmed within this are refused
+        self._max_stale = personal_max_stale
         # set for a shared (remote) store: it may be away, so the last key set is kept on disk
         self._cache_path = cache_path
         self._lookup_timeout = lookup_timeout
@@ -185,6 +188,16 @@ class KeyRing:
         if record is None or not record.matches(secret):
             return self._fail(request, "invalid credential", None)
         refusal = record.refusal()
+        stale = (
+            record.personal
+            and self._max_stale is not None
+            and time.time() - (record.checked or 0.0) > self._max_stale
+        )
+        if refusal is None and stale:
+            refusal = (
+                f"key {record.id}: the directory has not confirmed its owner's account for more than"
+                f" {self._max_stale:g} s (auth.ldap.max_stale)"
+            )
         if refusal is not None:
             return self._fail(request, refusal, record.id)
         self._used[record.id] = time.time()
@@ -217,6 +230,10 @@ class KeyRing:
         # counted and logged like other failures: once per (address, reason) and window
         self._failures.record(request.remote, STORE_AWAY, None, request.method, request.path)
         return AuthFailure(503, STORE_AWAY, None)
+
+    def record_failure(self, request: web.Request, message: str) -> None:
+        """A failure decided elsewhere (a directory login), counted and audited like a key's."""
+        self._failures.record(request.remote, message, None, request.method, request.path)
 
     def _fail(self, request: web.Request, message: str, key_id: str | None) -> AuthFailure:
         self._failures.record(request.remote, message, key_id, request.method, request.path)

@@ -58,9 +58,15 @@ def parse_duration(value: str | float | int) -> float | None:
         match = _DURATION.match(text)
         if not match:
             raise ValueError(f"{value!r} is not a duration ({_FORMS})")
-        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+        try:
+            seconds = float(match.group(1)) * _UNITS[match.group(2)]
+        except OverflowError:
+            raise ValueError(f"{value!r} is too large a duration") from None
     else:
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:
+            raise ValueError(f"{value!r} is too large a duration") from None
     if not math.isfinite(seconds):
         raise ValueError(f"{value!r} is not a duration ({_FORMS})")
     if seconds < 0:
@@ -74,6 +80,17 @@ def _duration_or_null(value: object) -> float | None:
 
 # a duration in the file (a number of seconds or 30s, 15m, 2h, 7d, 1w), or null or never for no limit
 Duration = Annotated[Annotated[float, Field(gt=0)] | None, BeforeValidator(_duration_or_null)]
+
+
+def _duration_required(value: object) -> float:
+    seconds = parse_duration(value)  # type: ignore[arg-type]
+    if seconds is None:
+        raise ValueError(f"{value!r}: a duration is required here, not a word for no limit")
+    return seconds
+
+
+# a duration that must be one (a number of seconds or 30s, 15m, 2h, 7d, 1w)
+Interval = Annotated[float, Field(gt=0), BeforeValidator(_duration_required)]
 
 
 class _Section(BaseModel):
@@ -141,11 +158,79 @@ class OllamaConfig(_Section):
         return value
 
 
+class LdapGroupGrant(_Section):
+    # what members (nested membership counts) get: their highest role across their groups, and the union
+    # of the groups' model patterns (a group with no patterns grants every model)
+    role: Literal["user", "operator", "admin"] = "user"
+    models: list[str] = []
+
+
+DEFAULT_MAX_STALE = 3600.0
+_LDAP_URL = re.compile(r"^(ldaps?)://([^/:?#\s]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?/?$")
+
+
+class LdapConfig(_Section):
+    """Directory logins (Active Directory over LDAPS): docs/directory.md."""
+
+    # domain controllers, tried in turn: ldaps://dc1.corp.example.com (636), or ldap://... with start_tls
+    urls: Annotated[list[str], Field(min_length=1)]
+    # ldap:// URLs upgrade with StartTLS; without it plain LDAP is refused unless allow_plain (a lab only:
+    # passwords would cross the network in clear)
+    start_tls: bool = False
+    allow_plain: bool = False
+    # the CA that signed the domain controllers' certificates (verified by name); required unless plain
+    ca_file: Path | None = None
+    # the UPN suffix: a user signs in as name@domain (or gives the whole UPN)
+    domain: Annotated[str, Field(min_length=1)]
+    base_dn: Annotated[str, Field(min_length=1)]
+    # a read-only service account for look-ups (UPN or DN); its password from a file, or from the systemd
+    # credential of that file's name ($CREDENTIALS_DIRECTORY/<name>)
+    bind_user: Annotated[str, Field(min_length=1)]
+    bind_password_file: Path
+    # group DN or name (cn) -> what its members may do; a user in none of them is refused
+    groups: Annotated[dict[str, LdapGroupGrant], Field(min_length=1)]
+    # seconds for a connection and for an answer
+    timeout: Seconds = 5.0
+    # how often the owners of personal keys are looked up again (one agent of the fleet at a time)
+    revalidate_interval: Interval = 300.0
+    # the directory unreachable: personal keys whose owner was confirmed within this keep working
+    max_stale: Interval = DEFAULT_MAX_STALE
+    # personal keys: the lifetime asked for is capped at key_max_ttl (default key_default_ttl); at most
+    # max_keys_per_user active keys per user
+    key_default_ttl: Interval = 30 * 86400.0
+    key_max_ttl: Interval = 90 * 86400.0
+    max_keys_per_user: Annotated[int, Field(ge=1, le=100)] = 10
+
+    @field_validator("urls")
+    @classmethod
+    def _urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            if not _LDAP_URL.match(url):
+                raise ValueError(f"{url!r} is not an LDAP URL (ldaps://host[:port] or ldap://host[:port])")
+        return value
+
+    @model_validator(mode="after")
+    def _transport(self) -> LdapConfig:
+        plain = [u for u in self.urls if u.startswith("ldap://")]
+        if plain and not self.start_tls and not self.allow_plain:
+            raise ValueError(
+                f"{plain[0]}: plain LDAP would send passwords in clear; use ldaps://, or start_tls: true"
+                " (allow_plain: true only for a lab)"
+            )
+        if self.ca_file is None and (self.start_tls or len(plain) < len(self.urls)):
+            raise ValueError("ca_file: required to verify the domain controllers (LDAPS or StartTLS)")
+        if self.key_default_ttl > self.key_max_ttl:
+            raise ValueError("key_default_ttl must be at most key_max_ttl")
+        return self
+
+
 class AuthConfig(_Section):
     # how often the agent re-reads keys from the store (revocations take effect within this time)
     refresh_interval: Seconds = 2.0
     # auth failures are logged and audited once per (address, reason) per window, with their count
     failure_window: Seconds = 60.0
+    # directory logins and personal keys (POST /agent/keys with the user's directory credentials)
+    ldap: LdapConfig | None = None
 
 
 class StoreConfig(_Section):
@@ -243,6 +328,16 @@ class Config(_Section):
     # this host's name in usage and audit records (the agent role sets the EC2 instance id); default: the
     # machine's host name
     host_id: Annotated[str, Field(min_length=1, max_length=255)] | None = None
+
+    @model_validator(mode="after")
+    def _directory_passwords_over_tls(self) -> Config:
+        loopback = self.listen.host in ("127.0.0.1", "::1", "localhost")
+        if self.auth.ldap is not None and self.listen.tls is None and not loopback:
+            raise ValueError(
+                f"auth.ldap: listen.tls is required when listening on {self.listen.host}: people's directory"
+                " passwords (HTTP Basic) would cross the network in clear"
+            )
+        return self
 
     @property
     def resolved_host_id(self) -> str:

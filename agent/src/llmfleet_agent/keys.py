@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import hmac
+import json
 import secrets
 import time
 from dataclasses import dataclass, field, replace
@@ -19,6 +20,9 @@ from .models import InvalidName, normalize_model, parse_name
 from .roles import Role
 
 KEY_PREFIX = "llmf_"
+# a personal key's stored hash carries this prefix: an agent that knows no personal keys (an older version
+# on the same database) matches none of them, so it cannot honour a key it could not suspend
+PERSONAL_HASH_PREFIX = "p:"
 MIN_KEY_LENGTH = 32
 ID_LENGTH = 16
 
@@ -82,6 +86,16 @@ class KeyRecord:
     # per-key limits; None: the config's defaults
     max_concurrent: int | None = None
     rpm: int | None = None
+    # a personal key (minted by a directory user): its owner's immutable id (objectGUID) and UPN; its
+    # role and models are the owner's current group rights, which revalidation keeps up to date
+    owner_id: str | None = None
+    owner: str | None = None
+    # why a personal key is refused for now (the account is disabled, locked, gone, no longer entitled);
+    # revalidation sets and clears it
+    suspended: str | None = None
+    # when the directory last confirmed the owner's account (a personal key past auth.ldap.max_stale
+    # without a confirmation is refused)
+    checked: float | None = None
 
     @classmethod
     def new(
@@ -108,7 +122,7 @@ class KeyRecord:
         )
 
     def matches(self, secret: str) -> bool:
-        return hmac.compare_digest(hash_secret(secret), self.hash)
+        return hmac.compare_digest(hash_secret(secret), self.hash.removeprefix(PERSONAL_HASH_PREFIX))
 
     def refusal(self, now: float | None = None) -> str | None:
         """Why this key may not be used now, or None."""
@@ -117,7 +131,13 @@ class KeyRecord:
             return f"key {self.id} was revoked"
         if self.expires is not None and now >= self.expires:
             return f"key {self.id} expired"
+        if self.suspended is not None:
+            return f"key {self.id}: {self.suspended}"
         return None
+
+    @property
+    def personal(self) -> bool:
+        return self.owner_id is not None
 
     def same_grant(self, other: KeyRecord) -> bool:
         return self._grant() == other._grant()
@@ -149,4 +169,41 @@ class KeyRecord:
             "last_used": self.last_used,
             "max_concurrent": self.max_concurrent,
             "rpm": self.rpm,
+            "owner": self.owner,
+            "suspended": self.suspended,
         }
+
+
+# the keys table's columns, in this order, in every store (SQLite and PostgreSQL): one place for both
+KEY_COLUMNS = (
+    "id",
+    "name",
+    "role",
+    "hash",
+    "models",
+    "created",
+    "expires",
+    "revoked",
+    "last_used",
+    "max_concurrent",
+    "rpm",
+    "owner_id",
+    "owner",
+    "suspended",
+    "checked",
+)
+
+
+def key_to_row(record: KeyRecord) -> tuple[Any, ...]:
+    """The record's column values in KEY_COLUMNS order (the role as its name, the models as JSON text)."""
+    values = {**record.__dict__, "role": record.role.value, "models": json.dumps(list(record.models))}
+    return tuple(values[column] for column in KEY_COLUMNS)
+
+
+def key_from_row(row: Any) -> KeyRecord:
+    """A record from the column values in KEY_COLUMNS order (a tuple, or a mapping such as asyncpg's)."""
+    values = dict(zip(KEY_COLUMNS, row, strict=True)) if isinstance(row, tuple) else dict(row)
+    values["role"] = Role(values["role"])
+    models = values["models"]
+    values["models"] = tuple(json.loads(models) if isinstance(models, str) else models)
+    return KeyRecord(**{column: values[column] for column in KEY_COLUMNS})

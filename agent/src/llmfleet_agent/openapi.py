@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from . import __version__
-from .access_control import PUBLIC, role_of
+from .access_control import PUBLIC, SELF_SERVICE, role_of
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .proxy.handler import ROUTE_SPEC
 from .proxy.routes import Kind, RouteSpec
@@ -34,7 +34,12 @@ _V1_ERROR = {"$ref": "#/components/schemas/V1Error"}
 
 COMPONENTS: dict[str, Any] = {
     "securitySchemes": {
-        "bearer": {"type": "http", "scheme": "bearer", "description": "an agent key (`llmfleet-agent keys`)"}
+        "bearer": {"type": "http", "scheme": "bearer", "description": "an agent key (`llmfleet-agent keys`)"},
+        "basic": {
+            "type": "http",
+            "scheme": "basic",
+            "description": "directory credentials (with `auth.ldap`: personal keys only)",
+        },
     },
     "schemas": {
         "Error": {
@@ -106,6 +111,7 @@ _AGENT_ERRORS = {
     ),
     401: "no valid key",
     403: "the key's role or model patterns do not allow this request",
+    404: "no such resource (a personal key that is not the caller's)",
     408: "the body did not arrive within `limits.body_timeout`",
     409: "not drained: requests in flight, or not idle long enough",
     413: "the body is larger than `limits.max_body_bytes`",
@@ -118,6 +124,18 @@ _FIGURES = {"$ref": "#/components/schemas/IdleFigures"}
 
 # what the control routes' code says: a summary, a body it reads, answers other than 200 application/json
 _CONTROL: dict[str, dict[str, Any]] = {
+    "mint": {
+        "summary": "Mint a personal key with directory credentials (shown once; the owner's group rights)",
+        "body": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"name": {"type": "string"}, "expires": {"type": "string"}},
+        },
+        "responses": {"201": {"description": "the key (`key`, shown once) and its fields"}},
+        "errors": (400, 409, 503),
+    },
+    "list_personal": {"summary": "The caller's personal keys (an admin: everyone's)", "errors": (503,)},
+    "revoke": {"summary": "Revoke a personal key of the caller's (an admin: anyone's)", "errors": (404, 503)},
     "healthz": {"summary": "Liveness: 200 while the agent serves"},
     "readyz": {
         "summary": (
@@ -215,7 +233,7 @@ def build_openapi(app: web.Application) -> dict[str, Any]:
         if route.resource is None or (route.method == "HEAD" and route.handler in get_handlers):
             continue  # aiohttp's own HEAD beside a GET
         role = role_of(route.handler)
-        if role != PUBLIC and not isinstance(role, Role):
+        if role not in (PUBLIC, SELF_SERVICE) and not isinstance(role, Role):
             continue  # open to no role
         path, method = route.resource.canonical, route.method
         spec: RouteSpec | None = getattr(route.handler, ROUTE_SPEC, None)
@@ -223,6 +241,14 @@ def build_openapi(app: web.Application) -> dict[str, Any]:
         operation["operationId"] = _operation_id(method, path)
         if role == PUBLIC:
             operation["security"] = []
+        elif role == SELF_SERVICE:
+            operation["security"] = [{"basic": []}, {"bearer": []}]
+            operation["x-llmfleet-role"] = "directory user"
+            operation["description"] = (
+                "Directory credentials, or a personal key (an admin's key: everyone's)."
+            )
+            for status in (401, 403):
+                operation["responses"][str(status)] = _error(status, spec)
         else:
             operation["x-llmfleet-role"] = role.value
             operation["description"] = f"Needs a key with role {role.value} or above."

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..keys import KeyRecord
+from ..roles import Role
 from ..usage import UsageRecord
 
 
@@ -69,6 +70,15 @@ class Store(Protocol):
 
     async def touch_keys(self, last_used: dict[str, float]) -> None:
         """Record when keys were last used."""
+
+    async def set_key_grant(
+        self, key_id: str, role: Role, models: tuple[str, ...], suspended: str | None, checked: float | None
+    ) -> None:
+        """Set a personal key's role, models, suspension and the time its owner was last confirmed (keys
+        with no owner are left alone)."""
+
+    async def take_lease(self, name: str, holder: str, seconds: float) -> bool:
+        """True when `holder` holds the lease `name` for `seconds` from now (one agent at a time)."""
 
     async def add_audit(self, records: list[AuditRecord]) -> None: ...
     async def list_audit(self, limit: int = 100) -> list[AuditRecord]: ...

@@ -254,9 +254,100 @@ GRANT EXECUTE ON FUNCTION llmfleet_add_usage(timestamptz[], text[], text[], text
 GRANT SELECT ON usage_daily TO llmfleet_agent_access;
 """
 
+# personal keys (minted by directory users on any agent): their owner, suspension and last confirmation.
+# The agent role writes them only through these functions, which touch personal keys only (owner_id set):
+# no host can create, change or revoke the keys the operators made with the owner's credential, nor give a
+# key an owner after the fact. Leases: one agent of the fleet at a time does a job (revalidation).
+_PERSONAL = """
+ALTER TABLE keys ADD COLUMN owner_id text, ADD COLUMN owner text, ADD COLUMN suspended text,
+    ADD COLUMN checked double precision;
+CREATE INDEX keys_owner ON keys (owner_id) WHERE owner_id IS NOT NULL;
+
+-- what a host may put in a personal key is checked here, not trusted: a role no higher than operator (the
+-- deployment's admin keys are the owner's to make), a list of text patterns, an owner that is a GUID, an
+-- expiry within 400 days; its creation and confirmation times are the database's clock
+CREATE FUNCTION llmfleet_personal_grant_ok(p_role text, p_models text) RETURNS boolean
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+  SELECT p_role IN ('user', 'operator')
+     AND jsonb_typeof(p_models::jsonb) = 'array'
+     AND NOT EXISTS (SELECT FROM jsonb_array_elements(p_models::jsonb) e WHERE jsonb_typeof(e) <> 'string')
+$$;
+
+CREATE FUNCTION llmfleet_put_personal_key(p_id text, p_name text, p_role text, p_hash text, p_models text,
+    p_created float8, p_expires float8, p_revoked float8, p_last_used float8, p_max_concurrent integer,
+    p_rpm integer, p_owner_id text, p_owner text, p_suspended text, p_checked float8) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp AS $$
+DECLARE
+  now_s float8 := extract(epoch FROM now());
+BEGIN
+  IF p_owner_id IS NULL OR p_owner_id !~ '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' THEN
+    RAISE EXCEPTION 'llmfleet_put_personal_key: a personal key needs an owner (a GUID)';
+  END IF;
+  IF NOT public.llmfleet_personal_grant_ok(p_role, p_models) THEN
+    RAISE EXCEPTION 'llmfleet_put_personal_key: role % or models % not allowed', p_role, p_models;
+  END IF;
+  IF p_expires IS NULL OR p_expires > now_s + 400 * 86400 THEN
+    RAISE EXCEPTION 'llmfleet_put_personal_key: a personal key expires within 400 days';
+  END IF;
+  INSERT INTO public.keys (id, name, role, hash, models, created, expires, revoked, last_used,
+                           max_concurrent, rpm, owner_id, owner, suspended, checked)
+  VALUES (p_id, p_name, p_role, p_hash, p_models::jsonb, now_s, p_expires, NULL, NULL,
+          p_max_concurrent, p_rpm, p_owner_id, p_owner, NULL, now_s);
+END $$;
+
+CREATE FUNCTION llmfleet_revoke_personal_key(p_id text, p_at float8) RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp AS $$
+  UPDATE public.keys SET revoked = coalesce(revoked, extract(epoch FROM now()))
+  WHERE id = p_id AND owner_id IS NOT NULL
+$$;
+
+-- revalidation's result: the grant (checked as above), the suspension, and a confirmation time that is the
+-- database's clock (only when not suspended)
+CREATE FUNCTION llmfleet_set_personal_grant(p_id text, p_role text, p_models text, p_suspended text,
+    p_checked float8) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp AS $$
+BEGIN
+  IF NOT public.llmfleet_personal_grant_ok(p_role, p_models) THEN
+    RAISE EXCEPTION 'llmfleet_set_personal_grant: role % or models % not allowed', p_role, p_models;
+  END IF;
+  UPDATE public.keys SET role = p_role, models = p_models::jsonb, suspended = p_suspended,
+      checked = CASE WHEN p_suspended IS NULL THEN extract(epoch FROM now()) ELSE checked END
+  WHERE id = p_id AND owner_id IS NOT NULL;
+END $$;
+
+CREATE TABLE llmfleet_leases (
+    name   text PRIMARY KEY,
+    holder text NOT NULL,
+    until  timestamptz NOT NULL
+);
+-- at most an hour: a host cannot keep the others from a job for longer than that
+CREATE FUNCTION llmfleet_take_lease(p_name text, p_holder text, p_seconds float8) RETURNS boolean
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp AS $$
+  INSERT INTO public.llmfleet_leases AS l
+  VALUES (p_name, p_holder, now() + make_interval(secs => least(greatest(p_seconds, 0), 3600)))
+  ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, until = excluded.until
+  WHERE l.holder = excluded.holder OR l.until < now()
+  RETURNING true
+$$;
+
+REVOKE ALL ON FUNCTION llmfleet_personal_grant_ok(text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION llmfleet_put_personal_key(text, text, text, text, text, float8, float8, float8,
+    float8, integer, integer, text, text, text, float8) FROM PUBLIC;
+REVOKE ALL ON FUNCTION llmfleet_revoke_personal_key(text, float8) FROM PUBLIC;
+REVOKE ALL ON FUNCTION llmfleet_set_personal_grant(text, text, text, text, float8) FROM PUBLIC;
+REVOKE ALL ON FUNCTION llmfleet_take_lease(text, text, float8) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION llmfleet_put_personal_key(text, text, text, text, text, float8, float8, float8,
+    float8, integer, integer, text, text, text, float8) TO llmfleet_agent_access;
+GRANT EXECUTE ON FUNCTION llmfleet_revoke_personal_key(text, float8) TO llmfleet_agent_access;
+GRANT EXECUTE ON FUNCTION llmfleet_set_personal_grant(text, text, text, text, float8)
+    TO llmfleet_agent_access;
+GRANT EXECUTE ON FUNCTION llmfleet_take_lease(text, text, float8) TO llmfleet_agent_access;
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "keys, audit, usage in monthly partitions", _INITIAL),
     Migration(2, "daily usage roll-ups", _DAILY),
+    Migration(3, "personal keys and leases", _PERSONAL),
 )
 HEAD = MIGRATIONS[-1].version
 

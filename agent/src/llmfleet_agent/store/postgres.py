@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import ssl
 import time
 from collections.abc import Iterable
@@ -22,7 +21,8 @@ from typing import Any
 
 import asyncpg
 
-from ..keys import KeyRecord
+from ..credentials import CredentialError, read_credential
+from ..keys import KEY_COLUMNS, KeyRecord, key_from_row, key_to_row
 from ..logs import event
 from ..roles import Role
 from ..usage import UsageRecord
@@ -47,26 +47,11 @@ AUDIT_PRUNE_BATCH = 5000
 
 
 def read_password(path: Path) -> str:
-    """The password in `path`, or in the systemd credential of that name when the service was given one
-    ($CREDENTIALS_DIRECTORY/<name>: LoadCredential= in the unit; the service user cannot read the source)."""
-    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
-    if credentials:
-        candidate = Path(credentials) / path.name
-        try:
-            if candidate.is_file():
-                path = candidate
-        except OSError as exc:  # a credentials directory the service cannot read: say so, by name
-            raise StoreError(
-                f"store.password_file: cannot read the systemd credential {candidate}: {exc.strerror}"
-            ) from None
+    """The password in `path`, or in the systemd credential of that name (credentials.py)."""
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise StoreError(f"store.password_file: cannot read {path}: {exc.strerror}") from None
-    password = text.strip("\r\n")
-    if not password:
-        raise StoreError(f"store.password_file: {path} is empty")
-    return password
+        return read_credential(path, "store.password_file")
+    except CredentialError as exc:
+        raise StoreError(str(exc)) from None
 
 
 def ssl_context(url: PostgresURL) -> ssl.SSLContext | bool:
@@ -89,17 +74,17 @@ def _epoch(value: datetime) -> float:
     return value.timestamp()
 
 
-_SELECT_KEYS = (
-    "SELECT id, name, role, hash, models, created, expires, revoked, last_used, max_concurrent, rpm FROM keys"
+# built from the constant KEY_COLUMNS (keys.py), never from input
+_SELECT_KEYS = f"SELECT {', '.join(KEY_COLUMNS)} FROM keys"  # noqa: S608
+_UPSERT_KEY = (
+    f"INSERT INTO keys ({', '.join(KEY_COLUMNS)})"  # noqa: S608
+    f" VALUES ({', '.join(f'${i + 1}' for i in range(len(KEY_COLUMNS)))})"
+    f" ON CONFLICT (id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in KEY_COLUMNS if c != 'id')}"
 )
-_UPSERT_KEY = """
-INSERT INTO keys (id, name, role, hash, models, created, expires, revoked, last_used, max_concurrent, rpm)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-ON CONFLICT (id) DO UPDATE SET
-    name = excluded.name, role = excluded.role, hash = excluded.hash, models = excluded.models,
-    created = excluded.created, expires = excluded.expires, revoked = excluded.revoked,
-    last_used = excluded.last_used, max_concurrent = excluded.max_concurrent, rpm = excluded.rpm
-"""
+_PUT_PERSONAL_KEY = (
+    f"SELECT llmfleet_put_personal_key({', '.join(f'${i + 1}' for i in range(len(KEY_COLUMNS)))})"
+)
+
 
 # migrations.py: the agent adds usage only through this function (rows and roll-ups in one statement)
 _ADD_USAGE = (
@@ -174,22 +159,6 @@ _REPORTS = {
     )
     for by, (daily, raw, label, names_keys) in _GROUPS.items()
 }
-
-
-def _key_from_row(row: asyncpg.Record) -> KeyRecord:
-    return KeyRecord(
-        id=row["id"],
-        name=row["name"],
-        role=Role(row["role"]),
-        hash=row["hash"],
-        models=tuple(json.loads(row["models"])),
-        created=row["created"],
-        expires=row["expires"],
-        revoked=row["revoked"],
-        last_used=row["last_used"],
-        max_concurrent=row["max_concurrent"],
-        rpm=row["rpm"],
-    )
 
 
 def _months(records: Iterable[UsageRecord]) -> set[tuple[int, int]]:
@@ -318,32 +287,52 @@ class PostgresStore:
     # --- keys ----------------------------------------------------------------------------------------------
 
     async def put_key(self, record: KeyRecord) -> None:
-        await self.pool.execute(
-            _UPSERT_KEY,
-            record.id,
-            record.name,
-            record.role.value,
-            record.hash,
-            json.dumps(list(record.models)),
-            record.created,
-            record.expires,
-            record.revoked,
-            record.last_used,
-            record.max_concurrent,
-            record.rpm,
-        )
+        """A personal key (the agent's credential) through llmfleet_put_personal_key, which writes only
+        personal keys; any other key with the owner's credential (keys create)."""
+        if record.personal:
+            await self.pool.execute(_PUT_PERSONAL_KEY, *key_to_row(record))
+            return
+        await self.pool.execute(_UPSERT_KEY, *key_to_row(record))
 
     async def get_key(self, key_id: str) -> KeyRecord | None:
         row = await self.pool.fetchrow(_SELECT_KEYS + " WHERE id = $1", key_id)
-        return None if row is None else _key_from_row(row)
+        return None if row is None else key_from_row(row)
 
     async def list_keys(self) -> list[KeyRecord]:
         rows = await self.pool.fetch(_SELECT_KEYS + " ORDER BY created, id")
-        return [_key_from_row(row) for row in rows]
+        return [key_from_row(row) for row in rows]
 
     async def revoke_key(self, key_id: str, at: float) -> KeyRecord | None:
-        await self.pool.execute("UPDATE keys SET revoked = coalesce(revoked, $1) WHERE id = $2", at, key_id)
+        """A personal key through llmfleet_revoke_personal_key (the agent's credential may); any other with
+        the owner's credential."""
+        record = await self.get_key(key_id)
+        if record is None:
+            return None
+        if record.personal:
+            await self.pool.execute("SELECT llmfleet_revoke_personal_key($1, $2)", key_id, at)
+        else:
+            await self.pool.execute(
+                "UPDATE keys SET revoked = coalesce(revoked, $1) WHERE id = $2", at, key_id
+            )
         return await self.get_key(key_id)
+
+    async def set_key_grant(
+        self, key_id: str, role: Role, models: tuple[str, ...], suspended: str | None, checked: float | None
+    ) -> None:
+        """A personal key's rights and state, as revalidation found its owner (personal keys only)."""
+        await self.pool.execute(
+            "SELECT llmfleet_set_personal_grant($1, $2, $3, $4, $5)",
+            key_id,
+            role.value,
+            json.dumps(list(models)),
+            suspended,
+            checked,
+        )
+
+    async def take_lease(self, name: str, holder: str, seconds: float) -> bool:
+        """True when `holder` holds the lease `name` for the next `seconds` (one agent of the fleet at a
+        time does a job such as revalidation); a lease not renewed runs out."""
+        return bool(await self.pool.fetchval("SELECT llmfleet_take_lease($1, $2, $3)", name, holder, seconds))
 
     async def touch_keys(self, last_used: dict[str, float]) -> None:
         if not last_used:

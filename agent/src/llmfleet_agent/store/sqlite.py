@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..keys import KeyRecord
+from ..keys import KEY_COLUMNS, KeyRecord, key_from_row, key_to_row
 from ..roles import Role
 from ..usage import USAGE_COLUMNS, UsageRecord
 from .base import USAGE_GROUPS, AuditRecord, UsageSummary
@@ -32,7 +32,11 @@ CREATE TABLE IF NOT EXISTS keys (
     revoked   REAL,
     last_used REAL,
     max_concurrent INTEGER,
-    rpm       INTEGER
+    rpm       INTEGER,
+    owner_id  TEXT,
+    owner     TEXT,
+    suspended TEXT,
+    checked   REAL
 );
 CREATE TABLE IF NOT EXISTS audit (
     ts      REAL NOT NULL,
@@ -66,6 +70,12 @@ CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts);
 # columns later versions added, in the order they were added: a database made by an earlier version gets
 # them with ALTER TABLE when it is opened (fixed SQL, never built from input)
 _ADDED_COLUMNS = {
+    "keys": (
+        ("owner_id", "ALTER TABLE keys ADD COLUMN owner_id TEXT"),
+        ("owner", "ALTER TABLE keys ADD COLUMN owner TEXT"),
+        ("suspended", "ALTER TABLE keys ADD COLUMN suspended TEXT"),
+        ("checked", "ALTER TABLE keys ADD COLUMN checked REAL"),
+    ),
     "audit": (
         ("host", "ALTER TABLE audit ADD COLUMN host TEXT"),
         ("id", "ALTER TABLE audit ADD COLUMN id TEXT"),
@@ -75,7 +85,11 @@ _ADDED_COLUMNS = {
         ("user", "ALTER TABLE usage ADD COLUMN user TEXT"),
     ),
 }
-_TABLE_INFO = {"audit": "PRAGMA table_info(audit)", "usage": "PRAGMA table_info(usage)"}
+_TABLE_INFO = {
+    "keys": "PRAGMA table_info(keys)",
+    "audit": "PRAGMA table_info(audit)",
+    "usage": "PRAGMA table_info(usage)",
+}
 # what makes writes idempotent (a record replayed from the spool is stored once); an earlier version's
 # rows are made to fit first: audit rows get an id, a doubled usage row (none is expected) is dropped
 _UNIQUE = {
@@ -142,31 +156,12 @@ _PRUNE = {
     "usage": "DELETE FROM usage WHERE rowid IN (SELECT rowid FROM usage WHERE ts < ? LIMIT ?)",
 }
 
-_SELECT_KEYS = (
-    "SELECT id, name, role, hash, models, created, expires, revoked, last_used, max_concurrent, rpm FROM keys"
-)
+# built from the constant KEY_COLUMNS (keys.py), never from input
+_SELECT_KEYS = f"SELECT {', '.join(KEY_COLUMNS)} FROM keys"  # noqa: S608
 _UPSERT_KEY = (
-    "INSERT OR REPLACE INTO keys"
-    " (id, name, role, hash, models, created, expires, revoked, last_used, max_concurrent, rpm)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    f"INSERT OR REPLACE INTO keys ({', '.join(KEY_COLUMNS)})"  # noqa: S608
+    f" VALUES ({', '.join('?' for _ in KEY_COLUMNS)})"
 )
-
-
-def _key_from_row(row: tuple[Any, ...]) -> KeyRecord:
-    id_, name, role, hash_, models, created, expires, revoked, last_used, max_concurrent, rpm = row
-    return KeyRecord(
-        id=id_,
-        name=name,
-        role=Role(role),
-        hash=hash_,
-        models=tuple(json.loads(models)),
-        created=created,
-        expires=expires,
-        revoked=revoked,
-        last_used=last_used,
-        max_concurrent=max_concurrent,
-        rpm=rpm,
-    )
 
 
 def _usage_from_row(row: tuple[Any, ...]) -> UsageRecord:
@@ -242,28 +237,16 @@ class SQLiteStore:
         self._executor.shutdown(wait=True)
 
     async def put_key(self, record: KeyRecord) -> None:
-        values = (
-            record.id,
-            record.name,
-            record.role.value,
-            record.hash,
-            json.dumps(list(record.models)),
-            record.created,
-            record.expires,
-            record.revoked,
-            record.last_used,
-            record.max_concurrent,
-            record.rpm,
-        )
+        values = key_to_row(record)
         await self._call(lambda c: c.execute(_UPSERT_KEY, values))
 
     async def get_key(self, key_id: str) -> KeyRecord | None:
         row = await self._call(lambda c: c.execute(_SELECT_KEYS + " WHERE id = ?", (key_id,)).fetchone())
-        return None if row is None else _key_from_row(row)
+        return None if row is None else key_from_row(row)
 
     async def list_keys(self) -> list[KeyRecord]:
         rows = await self._call(lambda c: c.execute(_SELECT_KEYS + " ORDER BY created").fetchall())
-        return [_key_from_row(row) for row in rows]
+        return [key_from_row(row) for row in rows]
 
     async def revoke_key(self, key_id: str, at: float) -> KeyRecord | None:
         def revoke(c: sqlite3.Connection) -> None:
@@ -271,6 +254,22 @@ class SQLiteStore:
 
         await self._call(revoke)
         return await self.get_key(key_id)
+
+    async def set_key_grant(
+        self, key_id: str, role: Role, models: tuple[str, ...], suspended: str | None, checked: float | None
+    ) -> None:
+        values = (role.value, json.dumps(list(models)), suspended, checked, key_id)
+        await self._call(
+            lambda c: c.execute(
+                "UPDATE keys SET role = ?, models = ?, suspended = ?, checked = coalesce(?, checked)"
+                " WHERE id = ? AND owner_id IS NOT NULL",
+                values,
+            )
+        )
+
+    async def take_lease(self, name: str, holder: str, seconds: float) -> bool:
+        """One host's store: its one agent always holds the lease."""
+        return True
 
     async def touch_keys(self, last_used: dict[str, float]) -> None:
         if not last_used:
