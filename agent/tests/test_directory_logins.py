@@ -103,6 +103,16 @@ def test_a_user_in_a_nested_group_mints_a_key_and_uses_it_with_openai(agent: Age
     # the same list with the directory password
     code, listed, _ = http("GET", agent.url + "/agent/keys", headers=basic("alice"))
     assert code == 200 and [k["id"] for k in listed["keys"]] == [minted["id"]]
+    # her use is recorded for her, not for a key
+
+    def alices_requests() -> int:
+        code, report, _ = http(
+            "GET", agent.url + "/agent/usage?since=1h&by=user", headers=bearer(agent.key("operator"))
+        )
+        assert code == 200, report
+        return sum(row["requests"] for row in report["rows"] if row["group"] == "alice@corp.example.com")
+
+    wait_until(lambda: alices_requests() == 1, 10, "alice's request in the report by user")
 
 
 def test_wrong_password_not_entitled_and_no_credentials_are_refused(agent: AgentHandle) -> None:

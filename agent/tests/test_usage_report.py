@@ -484,3 +484,36 @@ def test_a_request_is_in_the_report(report_agent: tuple[AgentHandle, str]) -> No
     assert (row["requests"], row["errors"]) == (1, 0) and row["prompt_tokens"] > 0
     users = json.loads(report(agent, since="10m", by="user")[1])["rows"]
     assert any(r["group"] == "live" for r in users)  # no user on the record: the key's name
+
+
+def test_a_frontend_key_records_its_end_users_and_other_keys_cannot(make_agent: Any) -> None:
+    """Open WebUI's forwarded user headers name the person behind each request, for a frontend key only:
+    with any other key the same headers are ignored (a client cannot charge its use to someone else)."""
+    agent = make_agent().start()
+    agent.wait_ready()
+    made = agent.cli("keys", "create", "--name", "open-webui", "--role", "user", "--frontend", "--json")
+    assert made.returncode == 0, made.stderr
+    frontend = json.loads(made.stdout)
+    assert frontend["frontend"] is True
+    plain = agent.key("user")
+    chat = {"model": "tinyllama", "messages": [{"role": "user", "content": "hi"}], "stream": False}
+    people = {
+        "ada@corp.example.com": {
+            "X-OpenWebUI-User-Email": "ada@corp.example.com",
+            "X-OpenWebUI-User-Id": "1",
+        },
+        "7f3c": {"X-OpenWebUI-User-Id": "7f3c", "X-OpenWebUI-User-Name": "Grace"},
+    }
+    for headers in people.values():
+        for key in (frontend["key"], plain):
+            code, _, _ = http("POST", agent.url + "/api/chat", chat, {**bearer(key), **headers})
+            assert code == 200
+
+    def by_user() -> dict[str, int] | None:
+        code, body, _ = agent.get("/agent/usage?since=1h&by=user", agent.key("operator"))
+        assert code == 200, body
+        rows = {row["group"]: row["requests"] for row in body["rows"]}
+        return rows if sum(rows.values()) >= 4 else None
+
+    rows = wait_until(by_user, 10, "the four records in the report")
+    assert rows == {"ada@corp.example.com": 1, "7f3c": 1, "fixture-user": 2}

@@ -295,7 +295,14 @@ def cmd_keys_create(cfg: Config, args: argparse.Namespace) -> int:
     else:
         secret = generate_secret()
     wanted = KeyRecord.new(
-        secret, args.name, Role(args.role), tuple(args.models or ()), ttl, args.max_concurrent, args.rpm
+        secret,
+        args.name,
+        Role(args.role),
+        tuple(args.models or ()),
+        ttl,
+        args.max_concurrent,
+        args.rpm,
+        frontend=args.frontend,
     )
 
     host = cfg.resolved_host_id
@@ -645,6 +652,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     create.add_argument("--rpm", type=_positive, metavar="N", help="requests per minute (default: config)")
     create.add_argument("--from-stdin", action="store_true", help="store the key read from standard input")
+    create.add_argument(
+        "--frontend",
+        action="store_true",
+        help="a frontend's key (Open WebUI): its requests are recorded for the end user its"
+        " X-OpenWebUI-User-* headers name",
+    )
     create.add_argument("--json", action="store_true", help="machine-readable output")
     keys_stdin = (
         'secrets as JSON on standard input: {"key": ... (with --from-stdin), "store": {"user": ...,'

@@ -96,6 +96,9 @@ class KeyRecord:
     # when the directory last confirmed the owner's account (a personal key past auth.ldap.max_stale
     # without a confirmation is refused)
     checked: float | None = None
+    # the key of a frontend (Open WebUI) that names its end user per request in forwarded headers: the
+    # usage record (and budgets) go to that person (frontend.py); any other key's such headers are ignored
+    frontend: bool = False
 
     @classmethod
     def new(
@@ -107,6 +110,7 @@ class KeyRecord:
         ttl: float | None = None,
         max_concurrent: int | None = None,
         rpm: int | None = None,
+        frontend: bool = False,
     ) -> KeyRecord:
         now = time.time()
         return cls(
@@ -119,6 +123,7 @@ class KeyRecord:
             expires=None if ttl is None else now + ttl,
             max_concurrent=max_concurrent,
             rpm=rpm,
+            frontend=frontend,
         )
 
     def matches(self, secret: str) -> bool:
@@ -143,7 +148,15 @@ class KeyRecord:
         return self._grant() == other._grant()
 
     def _grant(self) -> tuple[object, ...]:
-        return (self.name, self.role, self.models, self.expires is None, self.max_concurrent, self.rpm)
+        return (
+            self.name,
+            self.role,
+            self.models,
+            self.expires is None,
+            self.max_concurrent,
+            self.rpm,
+            self.frontend,
+        )
 
     def with_grant_of(self, other: KeyRecord) -> KeyRecord:
         return replace(
@@ -154,6 +167,7 @@ class KeyRecord:
             expires=other.expires,
             max_concurrent=other.max_concurrent,
             rpm=other.rpm,
+            frontend=other.frontend,
         )
 
     def public(self) -> dict[str, Any]:
@@ -171,6 +185,7 @@ class KeyRecord:
             "rpm": self.rpm,
             "owner": self.owner,
             "suspended": self.suspended,
+            "frontend": self.frontend,
         }
 
 
@@ -191,6 +206,7 @@ KEY_COLUMNS = (
     "owner",
     "suspended",
     "checked",
+    "frontend",
 )
 
 
@@ -206,4 +222,5 @@ def key_from_row(row: Any) -> KeyRecord:
     values["role"] = Role(values["role"])
     models = values["models"]
     values["models"] = tuple(json.loads(models) if isinstance(models, str) else models)
+    values["frontend"] = bool(values["frontend"])
     return KeyRecord(**{column: values[column] for column in KEY_COLUMNS})

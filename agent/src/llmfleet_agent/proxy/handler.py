@@ -28,6 +28,7 @@ from multidict import CIMultiDict
 
 from ..access_control import request_key, requires
 from ..appkeys import ACTIVITY, AUDIT, CONFIG, GATE, HOST_ID, LIMITER, METRICS, SESSION, SUPERVISOR, USAGE
+from ..frontend import request_user
 from ..gojson import BodyError, GoObject, loads_object
 from ..http_errors import Handler, defer_expect, json_error
 from ..keys import KeyRecord, model_matches
@@ -99,6 +100,7 @@ class Exchange:
     body_timed_out: bool = False  # a streamed request body (blob) stalled past limits.body_timeout
     cut: list[str] = field(default_factory=list)  # set by the gate when the agent ends the request
     recorded: bool = False
+    user: str | None = None  # the person behind the request (frontend.py)
 
 
 class Refused(Exception):
@@ -130,7 +132,8 @@ class _ClientGone(Exception):
 def make_handler(spec: RouteSpec) -> Handler:
     @requires(spec.role)
     async def handler(request: web.Request) -> web.StreamResponse:
-        return await proxy(request, Exchange(spec, request_key(request)))
+        key = request_key(request)
+        return await proxy(request, Exchange(spec, key, user=request_user(key, request.headers)))
 
     handler.__name__ = f"proxy {spec.method} {spec.path}"
     setattr(handler, ROUTE_SPEC, spec)  # what the OpenAPI document describes
@@ -574,6 +577,7 @@ def _record(app: web.Application, ex: Exchange) -> None:
         duration_ms=round(duration * 1000, 3),
         error=ex.error,
         host=app[HOST_ID],
+        user=ex.user,
     )
     app[USAGE].add(record)
     metrics = app[METRICS]

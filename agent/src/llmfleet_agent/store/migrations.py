@@ -344,10 +344,16 @@ GRANT EXECUTE ON FUNCTION llmfleet_set_personal_grant(text, text, text, text, fl
 GRANT EXECUTE ON FUNCTION llmfleet_take_lease(text, text, float8) TO llmfleet_agent_access;
 """
 
+# frontend keys (Open WebUI's): they name their end user per request; the owner makes them
+_FRONTEND = """
+ALTER TABLE keys ADD COLUMN frontend boolean NOT NULL DEFAULT false;
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "keys, audit, usage in monthly partitions", _INITIAL),
     Migration(2, "daily usage roll-ups", _DAILY),
     Migration(3, "personal keys and leases", _PERSONAL),
+    Migration(4, "frontend keys", _FRONTEND),
 )
 HEAD = MIGRATIONS[-1].version
 

@@ -81,8 +81,10 @@ _UPSERT_KEY = (
     f" VALUES ({', '.join(f'${i + 1}' for i in range(len(KEY_COLUMNS)))})"
     f" ON CONFLICT (id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in KEY_COLUMNS if c != 'id')}"
 )
+# a personal key is never a frontend's: the function takes every column but that one
+PERSONAL_KEY_COLUMNS = tuple(c for c in KEY_COLUMNS if c != "frontend")
 _PUT_PERSONAL_KEY = (
-    f"SELECT llmfleet_put_personal_key({', '.join(f'${i + 1}' for i in range(len(KEY_COLUMNS)))})"
+    f"SELECT llmfleet_put_personal_key({', '.join(f'${i + 1}' for i in range(len(PERSONAL_KEY_COLUMNS)))})"
 )
 
 
@@ -290,7 +292,8 @@ class PostgresStore:
         """A personal key (the agent's credential) through llmfleet_put_personal_key, which writes only
         personal keys; any other key with the owner's credential (keys create)."""
         if record.personal:
-            await self.pool.execute(_PUT_PERSONAL_KEY, *key_to_row(record))
+            row = dict(zip(KEY_COLUMNS, key_to_row(record), strict=True))
+            await self.pool.execute(_PUT_PERSONAL_KEY, *(row[c] for c in PERSONAL_KEY_COLUMNS))
             return
         await self.pool.execute(_UPSERT_KEY, *key_to_row(record))
 

@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS keys (
     owner_id  TEXT,
     owner     TEXT,
     suspended TEXT,
-    checked   REAL
+    checked   REAL,
+    frontend  INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS audit (
     ts      REAL NOT NULL,
@@ -75,6 +76,7 @@ _ADDED_COLUMNS = {
         ("owner", "ALTER TABLE keys ADD COLUMN owner TEXT"),
         ("suspended", "ALTER TABLE keys ADD COLUMN suspended TEXT"),
         ("checked", "ALTER TABLE keys ADD COLUMN checked REAL"),
+        ("frontend", "ALTER TABLE keys ADD COLUMN frontend INTEGER NOT NULL DEFAULT 0"),
     ),
     "audit": (
         ("host", "ALTER TABLE audit ADD COLUMN host TEXT"),
