@@ -70,6 +70,7 @@ def ldap_settings(dc: SambaDC, home: Path) -> dict[str, Any]:
 def agent(dc: SambaDC, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentHandle]:
     home = tmp_path_factory.mktemp("agent")
     ldap = ldap_settings(dc, home)
+    ldap["basic_on_api"] = True
     handle = new_agent(home, {"auth": {"refresh_interval": 0.5, "ldap": ldap}}).start()
     handle.wait_ready()
     yield handle
@@ -217,6 +218,8 @@ def test_on_a_shared_store_a_key_minted_on_one_agent_works_and_ends_on_both(
     assert code == 201, minted
     for handle in (a, b):
         assert http("GET", handle.url + "/api/tags", headers=bearer(minted["key"]))[0] == 200
+    # without basic_on_api a directory password is no credential for the API
+    assert http("GET", a.url + "/api/tags", headers=basic_for("frank", "Frank-Pass-123"))[0] == 401
     owners = postgres.psql(f"SELECT owner, role FROM keys WHERE id = '{minted['id']}'", pg_database)
     assert owners == "frank@corp.example.com|user"
     dc.disable_user("frank")
@@ -264,3 +267,27 @@ def test_wrong_passwords_for_an_account_are_throttled_before_the_directory_locks
     # a Basic header that is not base64 text is a failed login, not an error of the agent
     code, _, _ = http("POST", url, {}, {"Authorization": "Basic \u00e9t\u00e9"})
     assert code == 401
+
+
+def test_with_basic_on_api_a_person_uses_the_api_with_their_directory_password(agent: AgentHandle) -> None:
+    """curl -u alice: her grant (her group's models), her records; wrong passwords and outsiders refused."""
+    code, tags, _ = http("GET", agent.url + "/api/tags", headers=basic("alice"))
+    assert code == 200 and [m["name"] for m in tags["models"]] == ["tinyllama:latest"]
+    chat = {"model": "tinyllama", "messages": [{"role": "user", "content": "hi"}], "stream": False}
+    assert http("POST", agent.url + "/api/chat", chat, basic("alice"))[0] == 200
+    code, answer, _ = http("POST", agent.url + "/api/pull", {"model": "x"}, basic("alice"))
+    assert code == 403 and "needs admin" in answer["error"]  # her role is user
+    assert http("GET", agent.url + "/api/tags", headers=basic("alice", "Wrong-Pass-1"))[0] == 401
+    assert http("GET", agent.url + "/api/tags", headers=basic("carol", "Wrong-Pass-1"))[0] == 401
+    code, _, _ = http("GET", agent.url + "/api/tags", headers=basic("carol"))
+    assert code == 200  # an admin of the directory is an operator on the API, like her personal keys
+
+    def chats_by_alice() -> int:
+        code, report, _ = http(
+            "GET", agent.url + "/agent/usage?since=1h&by=user", headers=bearer(agent.key("operator"))
+        )
+        assert code == 200, report
+        rows = {row["group"]: row["requests"] for row in report["rows"]}
+        return rows.get("alice@corp.example.com", 0)
+
+    wait_until(lambda: chats_by_alice() >= 2, 10, "her API request recorded for her")

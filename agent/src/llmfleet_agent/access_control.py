@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from .access import REQUEST_KEY_ID
-from .appkeys import AUDIT, KEYRING
+from .appkeys import AUDIT, CONFIG, KEYRING
 from .auth import AuthFailure
 from .http_errors import Handler, json_error, send_continue
 from .keys import KeyRecord
@@ -60,6 +60,10 @@ def request_key(request: web.Request) -> KeyRecord:
     return key
 
 
+def _is_basic(request: web.Request) -> bool:
+    return request.headers.get("Authorization", "").partition(" ")[0].lower() == "basic"
+
+
 @web.middleware
 async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     match_info = request.match_info
@@ -70,7 +74,16 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
         return await handler(request)
     if needed == SELF_SERVICE:
         return await handler(request)
-    result = await request.app[KEYRING].authenticate(request)
+    ldap = request.app[CONFIG].auth.ldap
+    if ldap is not None and ldap.basic_on_api and _is_basic(request):
+        from .directory_login import basic_identity  # only with directory logins
+
+        identity = await basic_identity(request)
+        if isinstance(identity, web.StreamResponse):
+            return identity
+        result: KeyRecord | AuthFailure = identity
+    else:
+        result = await request.app[KEYRING].authenticate(request)
     if isinstance(result, AuthFailure):
         if result.key_id:
             request[REQUEST_KEY_ID] = result.key_id

@@ -200,6 +200,10 @@ class LdapConfig(_Section):
     key_default_ttl: Interval = 30 * 86400.0
     key_max_ttl: Interval = 90 * 86400.0
     max_keys_per_user: Annotated[int, Field(ge=1, le=100)] = 10
+    # HTTP Basic (directory credentials) accepted on the API routes too, for curl users; a login is kept for
+    # basic_cache_ttl so that not every request binds (an account disabled meanwhile works that long)
+    basic_on_api: bool = False
+    basic_cache_ttl: Interval = 120.0
 
     @field_validator("urls")
     @classmethod

@@ -15,23 +15,20 @@ Only personal keys are listed and revoked here: the operators' keys are the depl
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import dataclasses
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 
 from aiohttp import web
 
 from .access_control import SELF_SERVICE, self_service
-from .appkeys import AUDIT, CONFIG, DIRECTORY, KEYRING, LOGIN_THROTTLE, STORE
+from .appkeys import AUDIT, CONFIG, KEYRING, STORE
 from .auth import AuthFailure
 from .config import parse_duration
-from .directory import DirectoryBusy, DirectoryUnavailable, DirectoryUser, InvalidCredentials
-from .entitlements import Grant, grant_for, key_grant
+from .directory_login import basic_credentials, directory_user, entitled
+from .entitlements import key_grant
 from .http_errors import json_error, send_continue
 from .keys import PERSONAL_HASH_PREFIX, KeyRecord, generate_secret
 from .logs import clip, event
@@ -42,10 +39,6 @@ routes = web.RouteTableDef()
 log = logging.getLogger("llmfleet.directory")
 _OWNER_LOCKS: dict[str, asyncio.Lock] = {}
 
-DIRECTORY_AWAY = (
-    "the directory is unreachable, so new logins cannot be checked (existing keys keep working);"
-    " try again later"
-)
 MAX_BODY = 4096
 MAX_NAME = 64
 
@@ -58,78 +51,14 @@ class Caller:
     key_id: str | None
 
 
-def _basic(request: web.Request) -> tuple[str, str] | None:
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "basic":
-        return None
-    try:
-        login, sep, password = base64.b64decode(token.strip(), validate=True).decode().partition(":")
-    except (binascii.Error, ValueError):  # not base64 (non-ASCII text included), or not UTF-8
-        return ("", "")
-    return (login, password) if sep else ("", "")
-
-
-async def _directory_user(request: web.Request, login: str, password: str) -> DirectoryUser | web.Response:
-    throttle = request.app[LOGIN_THROTTLE]
-    wait = throttle.retry_after(login, request.remote)
-    if wait is not None:  # refused without a bind: the account is not locked out by guesses through us
-        seconds = math.ceil(wait)
-        return json_error(
-            429,
-            "too many failed directory logins for this account or from this address;"
-            f" try again in {seconds} s",
-            {"Retry-After": str(seconds)},
-        )
-    try:
-        user = await request.app[DIRECTORY].authenticate(login, password)
-    except InvalidCredentials:
-        throttle.failed(login, request.remote)
-        request.app[KEYRING].record_failure(request, f"invalid directory credentials for {clip(login)}")
-        return json_error(
-            401, "invalid directory credentials", {"WWW-Authenticate": 'Basic realm="llmfleet"'}
-        )
-    except DirectoryBusy:
-        return json_error(503, "too many directory logins at once; try again shortly", {"Retry-After": "1"})
-    except DirectoryUnavailable as exc:
-        _log_unavailable(str(exc))
-        return json_error(503, DIRECTORY_AWAY, {"Retry-After": "10"})
-    throttle.succeeded(login)
-    return user
-
-
-_last_logged = [0.0]
-
-
-def _log_unavailable(error: str) -> None:
-    """Why logins cannot be checked (a wrong service password, a CA, every DC down), once a minute."""
-    now = time.monotonic()
-    if now - _last_logged[0] >= 60:
-        _last_logged[0] = now
-        event(log, logging.ERROR, "directory unreachable: logins refused with 503", error=error)
-
-
-def _entitled(request: web.Request, user: DirectoryUser) -> Grant | web.Response:
-    if user.unusable is not None:
-        request.app[KEYRING].record_failure(request, f"directory account {user.upn}: {user.unusable}")
-        return json_error(401, f"{user.upn}: {user.unusable}")
-    ldap = request.app[CONFIG].auth.ldap
-    assert ldap is not None
-    grant = grant_for(user.groups, ldap.groups)
-    if grant is None:
-        detail = {"user": clip(user.upn), "path": clip(request.path)}
-        request.app[AUDIT].add(AuditRecord("directory_not_entitled", None, detail))
-        return json_error(403, f"{user.upn} is in none of the groups that may use this service")
-    return grant
-
-
 async def _caller(request: web.Request) -> Caller | web.Response:
     """Who asks: Basic directory credentials, or a key (a personal key names its owner)."""
-    basic = _basic(request)
+    basic = basic_credentials(request)
     if basic is not None:
-        user = await _directory_user(request, *basic)
+        user = await directory_user(request, *basic)
         if isinstance(user, web.Response):
             return user
-        grant = _entitled(request, user)
+        grant = entitled(request, user)
         if isinstance(grant, web.Response):
             return grant
         return Caller(user.guid, user.upn, grant.role is Role.ADMIN, None)
@@ -173,17 +102,17 @@ async def _body(request: web.Request) -> dict[str, object] | web.Response:
 @routes.post("/agent/keys")
 @self_service
 async def mint(request: web.Request) -> web.StreamResponse:
-    basic = _basic(request)
+    basic = basic_credentials(request)
     if basic is None:
         return json_error(
             401,
             "minting a personal key needs your directory credentials (HTTP Basic: user and password)",
             {"WWW-Authenticate": 'Basic realm="llmfleet"'},
         )
-    user = await _directory_user(request, *basic)
+    user = await directory_user(request, *basic)
     if isinstance(user, web.Response):
         return user
-    grant = _entitled(request, user)
+    grant = entitled(request, user)
     if isinstance(grant, web.Response):
         return grant
     grant = key_grant(grant)
