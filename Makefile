@@ -64,7 +64,8 @@ format: venv
 	@$(BIN)/ruff format $(PY_DIRS)
 	@$(BIN)/ruff check --fix $(PY_DIRS)
 
-# the agent's tests first, beside the linters only (some wait on sub-second deadlines: one core each);
+# the agent's tests first, beside the linters only (in AGENT_WORKERS processes: mostly waiting on their
+# agents, simulators and PostgreSQL, some on sub-second deadlines, so no more beside them);
 # then the playbook tests, the molecule scenarios (mostly waiting on containers) and sanity two at a time,
 # their output interleaved as it comes (each part starts with a ==> line; pytest -ra and molecule end with
 # their own summaries)
@@ -72,9 +73,12 @@ test: venv
 	@$(MAKE) --no-print-directory -j2 lint test-agent
 	@$(MAKE) --no-print-directory -j2 test-collection test-roles sanity
 
+# in AGENT_WORKERS processes (pytest-xdist), a test file to a worker: a module's shared agent and a
+# worker's PostgreSQL server (the session fixture) are started once per worker, not once per test
+AGENT_WORKERS ?= 2
 test-agent: venv
-	@echo "==> agent tests (CI=$${CI:-false})"
-	@cd agent && ../$(BIN)/pytest $(PYTEST_ARGS)
+	@echo "==> agent tests (CI=$${CI:-false}, $(AGENT_WORKERS) workers)"
+	@cd agent && ../$(BIN)/pytest -n $(AGENT_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # in COLLECTION_WORKERS processes (pytest-xdist), a test file to a worker: test_site.py (one deployment
 # taken through its life, about half of the suite's time) runs beside the others
