@@ -98,6 +98,19 @@ def entitled(request: web.Request, user: DirectoryUser) -> Grant | web.Response:
     return grant
 
 
+async def signed_in(
+    request: web.Request, login: str, password: str
+) -> tuple[DirectoryUser, Grant] | web.Response:
+    """The user behind directory credentials and what their groups grant, or the answer that refuses them."""
+    user = await directory_user(request, login, password)
+    if isinstance(user, web.Response):
+        return user
+    grant = entitled(request, user)
+    if isinstance(grant, web.Response):
+        return grant
+    return user, grant
+
+
 # --- HTTP Basic on the API routes (auth.ldap.basic_on_api) ------------------------------------------------
 # a successful login is kept for auth.ldap.basic_cache_ttl under a keyed hash of the name and password (the
 # key is random per process: nothing on disk, nothing a log could show); at most BASIC_CACHE_MAX entries
@@ -136,13 +149,10 @@ async def basic_identity(request: web.Request) -> KeyRecord | web.Response:
     cached = _basic_cache.get(key)
     if cached is not None and cached[0] > now:
         return cached[1]
-    user = await directory_user(request, login, password)
-    if isinstance(user, web.Response):
-        return user
-    grant = entitled(request, user)
-    if isinstance(grant, web.Response):
-        return grant
-    identity = identity_key(user, grant)
+    found = await signed_in(request, login, password)
+    if isinstance(found, web.Response):
+        return found
+    identity = identity_key(*found)
     _basic_cache[key] = (now + ldap.basic_cache_ttl, identity)
     _basic_cache.move_to_end(key)
     while len(_basic_cache) > BASIC_CACHE_MAX:

@@ -27,7 +27,7 @@ from .access_control import SELF_SERVICE, self_service
 from .appkeys import AUDIT, CONFIG, KEYRING, STORE
 from .auth import AuthFailure
 from .config import parse_duration
-from .directory_login import basic_credentials, directory_user, entitled
+from .directory_login import basic_credentials, signed_in
 from .entitlements import key_grant
 from .http_errors import json_error, send_continue
 from .keys import PERSONAL_HASH_PREFIX, KeyRecord, generate_secret
@@ -51,16 +51,18 @@ class Caller:
     key_id: str | None
 
 
+def _store_away() -> web.Response:
+    return json_error(503, "the key store is unreachable; try again later", {"Retry-After": "5"})
+
+
 async def _caller(request: web.Request) -> Caller | web.Response:
     """Who asks: Basic directory credentials, or a key (a personal key names its owner)."""
     basic = basic_credentials(request)
     if basic is not None:
-        user = await directory_user(request, *basic)
-        if isinstance(user, web.Response):
-            return user
-        grant = entitled(request, user)
-        if isinstance(grant, web.Response):
-            return grant
+        found = await signed_in(request, *basic)
+        if isinstance(found, web.Response):
+            return found
+        user, grant = found
         return Caller(user.guid, user.upn, grant.role is Role.ADMIN, None)
     result = await request.app[KEYRING].authenticate(request)
     if isinstance(result, AuthFailure):
@@ -109,13 +111,10 @@ async def mint(request: web.Request) -> web.StreamResponse:
             "minting a personal key needs your directory credentials (HTTP Basic: user and password)",
             {"WWW-Authenticate": 'Basic realm="llmfleet"'},
         )
-    user = await directory_user(request, *basic)
-    if isinstance(user, web.Response):
-        return user
-    grant = entitled(request, user)
-    if isinstance(grant, web.Response):
-        return grant
-    grant = key_grant(grant)
+    found = await signed_in(request, *basic)
+    if isinstance(found, web.Response):
+        return found
+    user, grant = found[0], key_grant(found[1])
     await send_continue(request)
     doc = await _body(request)
     if isinstance(doc, web.Response):
@@ -166,7 +165,7 @@ async def mint(request: web.Request) -> web.StreamResponse:
             await store.put_key(record)
     except Exception as exc:
         event(log, logging.WARNING, "could not store a personal key", error=repr(exc))
-        return json_error(503, "the key store is unreachable; try again later", {"Retry-After": "5"})
+        return _store_away()
     finally:
         if not lock.locked():
             _OWNER_LOCKS.pop(user.guid, None)
@@ -184,7 +183,7 @@ async def list_personal(request: web.Request) -> web.StreamResponse:
     try:
         keys = await request.app[STORE].list_keys()
     except Exception:
-        return json_error(503, "the key store is unreachable; try again later", {"Retry-After": "5"})
+        return _store_away()
     shown = [k for k in keys if k.personal and (caller.admin or k.owner_id == caller.owner_id)]
     return web.json_response({"keys": [k.public() for k in shown]})
 
@@ -203,7 +202,7 @@ async def revoke(request: web.Request) -> web.StreamResponse:
             return json_error(404, f"no personal key {clip(key_id)} of yours")
         revoked = await store.revoke_key(key_id, time.time())
     except Exception:
-        return json_error(503, "the key store is unreachable; try again later", {"Retry-After": "5"})
+        return _store_away()
     assert revoked is not None
     detail = {"owner": clip(record.owner or ""), "by": clip(caller.owner or caller.key_id or "")}
     request.app[AUDIT].add(AuditRecord("key_revoked", key_id, detail))
