@@ -61,3 +61,11 @@ def pg_database(postgres: Any, request: pytest.FixtureRequest) -> str:
     name = re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:40] + "_" + secrets.token_hex(3)
     postgres.create_database(name)
     return name
+
+
+@pytest.fixture
+def fleet_db(postgres: Any, pg_database: str, tmp_path: Path) -> Any:
+    """A database set up as the collection sets it up, for agents of one fleet (test_shared_store.FleetDB)."""
+    from test_shared_store import FleetDB
+
+    return FleetDB(postgres, pg_database, tmp_path / "fleet")

@@ -291,3 +291,41 @@ def test_with_basic_on_api_a_person_uses_the_api_with_their_directory_password(a
         return rows.get("alice@corp.example.com", 0)
 
     wait_until(lambda: chats_by_alice() >= 2, 10, "her API request recorded for her")
+
+
+def test_a_group_budget_holds_for_a_person_whichever_way_they_come_in(
+    dc: SambaDC, make_agent: Any, tmp_path: Path
+) -> None:
+    """budgets.groups: alice is in `engineering` (directly) and `llmfleet-users` (nested); only engineering
+    has a budget. Her personal key, her password on the API and a frontend naming her by e-mail draw on
+    the one budget; dave (not in engineering) has none."""
+    ldap = {**ldap_settings(dc, tmp_path), "basic_on_api": True}
+    budgets = {"groups": {"engineering": {"day": 6}}, "refresh_interval": 0.2}
+    agent = make_agent({"auth": {"ldap": ldap}, "budgets": budgets}, name="budgets")
+    made = agent.cli("keys", "create", "--name", "webui", "--role", "user", "--frontend", "--json")
+    assert made.returncode == 0, made.stderr
+    frontend = json.loads(made.stdout)["key"]
+    agent.start().wait_ready(30)
+    alices, daves = mint(agent, "alice")["key"], mint(agent, "dave")["key"]
+    chat = {"model": "tinyllama", "messages": [{"role": "user", "content": "hi"}], "stream": False}
+
+    def ask(headers: dict[str, str]) -> tuple[int, Any]:
+        code, body, _ = http("POST", agent.url + "/api/chat", chat, headers, timeout=30)
+        return code, body
+
+    used = 0
+    while (answer := ask(bearer(alices)))[0] == 200:
+        used += answer[1]["prompt_eval_count"] + answer[1]["eval_count"]
+    code, body = answer
+    assert code == 429 and "daily budget of 6 tokens (group engineering) is spent" in body["error"], body
+    assert used >= 6
+    for headers in (basic("alice"), {**bearer(frontend), "X-OpenWebUI-User-Email": "alice@corp.example.com"}):
+        code, body = ask(headers)
+        assert code == 429 and "alice@corp.example.com: the daily budget" in body["error"], body
+    assert ask(bearer(daves))[0] == 200
+    code, me, _ = http("GET", agent.url + "/agent/keys/me", headers=bearer(alices))
+    assert code == 200 and me["user"] == "alice@corp.example.com" and me["key"]["owner"] == me["user"]
+    assert me["budget"]["source"] == "group engineering"
+    assert me["budget"]["day"]["limit"] == 6 and me["budget"]["day"]["left"] == 0
+    code, me, _ = http("GET", agent.url + "/agent/keys/me", headers=basic("alice"))
+    assert code == 200 and me["key"] is None and me["budget"]["day"]["used"] == used

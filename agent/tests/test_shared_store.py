@@ -55,11 +55,6 @@ class FleetDB:
         }
 
 
-@pytest.fixture
-def fleet_db(postgres: Any, pg_database: str, tmp_path: Path) -> FleetDB:
-    return FleetDB(postgres, pg_database, tmp_path / "fleet")
-
-
 def upgrade(agent: AgentHandle, db: FleetDB) -> dict[str, Any]:
     done = agent.cli("db", "upgrade", "--stdin-json", stdin=db.owner_stdin())
     assert done.returncode == 0, done.stderr

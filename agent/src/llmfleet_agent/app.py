@@ -25,6 +25,7 @@ from .activity import Activity
 from .appkeys import (
     ACTIVITY,
     AUDIT,
+    BUDGETS,
     CONFIG,
     DIRECTORY,
     GATE,
@@ -42,6 +43,9 @@ from .appkeys import (
 )
 from .auth import KeyRing
 from .batching import BatchWriter
+from .budget_ledger import Ledger
+from .budgets import Budgets
+from .caller_status import routes as caller_routes
 from .config import DEFAULT_MAX_STALE, Config, ConfigError
 from .control import routes as control_routes
 from .credentials import CredentialError, read_credential
@@ -49,6 +53,7 @@ from .directory import Directory
 from .http_errors import add_routes, error_middleware
 from .login_throttle import LoginThrottle
 from .metrics import Metrics
+from .person_groups import PersonGroups
 from .personal_keys import routes as personal_routes
 from .probes import ProbeSampler, default_probes, gpu_busy, logins_open
 from .proxy.gate import Gate
@@ -164,6 +169,21 @@ async def _directory_ctx(app: web.Application) -> AsyncIterator[None]:
     directory.close()
 
 
+async def _budgets_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Token budgets: the fleet's use read before the agent serves, then every budgets.refresh_interval."""
+    cfg = app[CONFIG]
+    budgets = cfg.budgets
+    assert budgets is not None
+    timeout = cfg.store.connect_timeout + cfg.store.statement_timeout
+    ledger = Ledger(app[STORE], app[HOST_ID], budgets.refresh_interval, timeout)
+    ldap = cfg.auth.ldap
+    groups = PersonGroups(app[DIRECTORY], ldap.revalidate_interval) if ldap is not None else None
+    await ledger.start()
+    app[BUDGETS] = Budgets(budgets, ledger, groups)
+    yield
+    await ledger.stop()
+
+
 async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
     # the one client session to Ollama (loopback): many connections for parallel streams; no total timeout
     proxy = app[CONFIG].proxy
@@ -231,10 +251,13 @@ def create_app(cfg: Config) -> web.Application:
     if cfg.auth.ldap is not None:  # without it the routes do not exist (401, like any unknown route)
         app.cleanup_ctx.append(_directory_ctx)
         add_routes(app, personal_routes)
+    if cfg.budgets is not None:
+        app.cleanup_ctx.append(_budgets_ctx)
     app.cleanup_ctx.extend([_session_ctx, _probes_ctx, _supervisor_ctx])
     app.on_shutdown.append(_close_gate)
     add_routes(app, control_routes)
     add_routes(app, report_routes)
+    add_routes(app, caller_routes)
     add_proxy_routes(app, ROUTES)
     return app
 

@@ -8,6 +8,7 @@ from aiohttp import web
 from .activity import Activity
 from .auth import KeyRing
 from .batching import BatchWriter
+from .budgets import Budgets
 from .config import Config
 from .directory import Directory
 from .login_throttle import LoginThrottle
@@ -37,3 +38,5 @@ GATE = web.AppKey("gate", Gate)
 # directory logins (auth.ldap); absent when not configured
 DIRECTORY = web.AppKey("directory", Directory)
 LOGIN_THROTTLE = web.AppKey("login_throttle", LoginThrottle)
+# token budgets per person (budgets); absent when not configured
+BUDGETS = web.AppKey("budgets", Budgets)

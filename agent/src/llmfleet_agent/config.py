@@ -228,6 +228,44 @@ class LdapConfig(_Section):
         return self
 
 
+Tokens = Annotated[int, Field(ge=1)]
+
+
+class BudgetLimit(_Section):
+    # tokens (prompt + completion) per UTC day and per calendar month (UTC); null: no limit for that period
+    day: Tokens | None = None
+    month: Tokens | None = None
+
+
+class BudgetsConfig(_Section):
+    """Token budgets per person, counted fleet-wide (docs/budgets.md)."""
+
+    # directory group (DN or name, as in auth.ldap.groups) -> its members' budget; a person in several:
+    # the most generous for each period, where a group that sets no limit for a period gives no limit
+    groups: dict[str, BudgetLimit] = {}
+    # a person (UPN, or a frontend user's e-mail; without regard to case) -> their budget, instead of
+    # their groups'
+    users: dict[str, BudgetLimit] = {}
+    # everyone else who is a person (a frontend's users the directory does not know, say); null: no limit
+    default: BudgetLimit | None = None
+    # how often the fleet's use is read from the store: another agent's use is seen at most this long
+    # after that agent wrote it (it writes every second)
+    refresh_interval: Interval = 1.0
+
+    @field_validator("users")
+    @classmethod
+    def _user_names(cls, value: dict[str, BudgetLimit]) -> dict[str, BudgetLimit]:
+        seen: dict[str, str] = {}
+        for name in value:
+            folded = name.strip().lower()
+            if not folded:
+                raise ValueError("a user's name must not be empty")
+            if folded in seen:
+                raise ValueError(f"{name!r} and {seen[folded]!r} name the same person (case does not count)")
+            seen[folded] = name
+        return value
+
+
 class AuthConfig(_Section):
     # how often the agent re-reads keys from the store (revocations take effect within this time)
     refresh_interval: Seconds = 2.0
@@ -326,6 +364,8 @@ class Config(_Section):
     limits: LimitsConfig = LimitsConfig()
     proxy: ProxyConfig = ProxyConfig()
     logging: LoggingConfig = LoggingConfig()
+    # token budgets per person (budgets.py); absent: none
+    budgets: BudgetsConfig | None = None
     # where the agent keeps its own files (the Ollama process-group file, the spool); default: beside a
     # SQLite store
     state_dir: Path | None = None
@@ -340,6 +380,14 @@ class Config(_Section):
             raise ValueError(
                 f"auth.ldap: listen.tls is required when listening on {self.listen.host}: people's directory"
                 " passwords (HTTP Basic) would cross the network in clear"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _group_budgets_need_directory(self) -> Config:
+        if self.budgets is not None and self.budgets.groups and self.auth.ldap is None:
+            raise ValueError(
+                "budgets.groups: needs auth.ldap (a person's groups are read from the directory)"
             )
         return self
 

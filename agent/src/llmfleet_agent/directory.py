@@ -151,6 +151,9 @@ class Directory:
         # own that they queue for, so logins never crowd them out
         self._logins = _Slots(MAX_AT_ONCE, "directory-login", refuse=True)
         self._lookups = _Slots(1, "directory-lookup", refuse=False)
+        # look-ups of the people behind requests (their groups decide their budget): two workers of their
+        # own, so a burst of new frontend users waits neither for revalidation nor for logins
+        self._people = _Slots(2, "directory-people", refuse=False)
 
     def login_name(self, login: str) -> str:
         """The name a user binds with: `name` means `name@<domain>`; a whole UPN is taken as it is."""
@@ -182,9 +185,18 @@ class Directory:
         escaped = "".join(f"\\{b:02x}" for b in raw)
         return await self._lookups.run(lambda: self._lookup(f"(objectGUID={escaped})"))
 
+    async def find(self, name: str) -> DirectoryUser | None:
+        """The account whose UPN or e-mail (`mail`) is `name`, or None (none, or more than one)."""
+        name = name.strip()
+        if not name or len(name) > MAX_LOGIN or any(ord(ch) < 32 for ch in name):
+            return None
+        value = escape_filter_chars(name)
+        return await self._people.run(lambda: self._lookup(f"(|(userPrincipalName={value})(mail={value}))"))
+
     def close(self) -> None:
         self._logins.close()
         self._lookups.close()
+        self._people.close()
 
     # --- in a worker thread ------------------------------------------------------------------------------
 

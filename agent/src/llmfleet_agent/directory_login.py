@@ -123,12 +123,16 @@ def _cache_key(login: str, password: str) -> bytes:
     return hmac.new(_SALT, f"{login.strip().lower()}\0{password}".encode(), hashlib.sha256).digest()
 
 
+# the id of a directory login's identity on the API (never a key's: keys' ids are hexadecimal)
+LOGIN_ID_PREFIX = "u-"
+
+
 def identity_key(user: DirectoryUser, grant: Grant) -> KeyRecord:
     """The identity a directory login has on the API: what a personal key of theirs would have, under an
     id of its own (limits count per person), recorded for them."""
     capped = key_grant(grant)
     return KeyRecord(
-        id="u-" + hashlib.sha256(user.guid.encode()).hexdigest()[:14],
+        id=LOGIN_ID_PREFIX + hashlib.sha256(user.guid.encode()).hexdigest()[:14],
         name=user.upn,
         role=capped.role,
         hash="",

@@ -22,16 +22,20 @@ class Grant:
     models: tuple[str, ...]  # empty: every model
 
 
-def _matches(key: str, dn: str, name: str) -> bool:
+def in_group(key: str, groups: Iterable[tuple[str, str]]) -> bool:
+    """Whether a mapping key (a group's DN or name) names one of `groups` ((DN, name) pairs): the one rule
+    for auth.ldap.groups and budgets.groups."""
     key = key.strip().lower()
     if "=" in key:
-        return key.replace(", ", ",") == dn.lower().replace(", ", ",")
-    return key == name.lower()
+        key = key.replace(", ", ",")
+        return any(key == dn.lower().replace(", ", ",") for dn, _ in groups)
+    return any(key == name.lower() for _, name in groups)
 
 
 def grant_for(groups: Iterable[tuple[str, str]], mapping: Mapping[str, LdapGroupGrant]) -> Grant | None:
     """The grant of a user in `groups` ((DN, name) pairs), or None when no mapped group holds them."""
-    grants = [grant for key, grant in mapping.items() if any(_matches(key, dn, name) for dn, name in groups)]
+    groups = tuple(groups)
+    grants = [grant for key, grant in mapping.items() if in_group(key, groups)]
     if not grants:
         return None
     role = max((Role(g.role) for g in grants), key=lambda r: r.rank)

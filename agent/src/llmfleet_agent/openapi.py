@@ -115,7 +115,10 @@ _AGENT_ERRORS = {
     408: "the body did not arrive within `limits.body_timeout`",
     409: "not drained: requests in flight, or not idle long enough",
     413: "the body is larger than `limits.max_body_bytes`",
-    429: "the key's concurrency or requests-per-minute limit is reached (see `Retry-After`)",
+    429: (
+        "the key's concurrency or requests-per-minute limit is reached, or the person's token budget is"
+        " spent (see `Retry-After`)"
+    ),
     502: "Ollama failed before answering",
     503: "Ollama is not running, or the agent is draining or stopping (see `Retry-After`)",
     504: "Ollama sent nothing for `proxy.read_timeout` seconds",
@@ -136,6 +139,12 @@ _CONTROL: dict[str, dict[str, Any]] = {
     },
     "list_personal": {"summary": "The caller's personal keys (an admin: everyone's)", "errors": (503,)},
     "revoke": {"summary": "Revoke a personal key of the caller's (an admin: anyone's)", "errors": (404, 503)},
+    "keys_me": {
+        "summary": (
+            "The caller: the key (none for a directory login), the person behind it, and their token budget"
+            " (use this UTC day and month fleet-wide, the limit, what is left, when it resets)"
+        ),
+    },
     "healthz": {"summary": "Liveness: 200 while the agent serves"},
     "readyz": {
         "summary": (

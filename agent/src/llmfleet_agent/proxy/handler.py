@@ -1,6 +1,7 @@
 """Forwarding one request to Ollama: checks, then a byte-for-byte stream in both directions, then a record.
 
-Order of checks: per-key limits (429, counted from the moment the key is known) -> body (408, 413, 400)
+Order of checks: per-key limits (429, counted from the moment the key is known) -> the person's budget
+(429, inference only: budgets.py) -> body (408, 413, 400)
 -> model rights (403) -> Ollama RUNNING, agent stopping, draining (503, reads excepted; nothing awaits
 between these and the forwarding). Only then is the request in flight (reads never count as in flight:
 `Kind.counts_as_use`). Every outcome, refusals included, leaves one usage record; a failure writing to
@@ -27,7 +28,19 @@ from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 
 from ..access_control import request_key, requires
-from ..appkeys import ACTIVITY, AUDIT, CONFIG, GATE, HOST_ID, LIMITER, METRICS, SESSION, SUPERVISOR, USAGE
+from ..appkeys import (
+    ACTIVITY,
+    AUDIT,
+    BUDGETS,
+    CONFIG,
+    GATE,
+    HOST_ID,
+    LIMITER,
+    METRICS,
+    SESSION,
+    SUPERVISOR,
+    USAGE,
+)
 from ..frontend import request_user
 from ..gojson import BodyError, GoObject, loads_object
 from ..http_errors import Handler, defer_expect, json_error
@@ -156,6 +169,7 @@ async def proxy(request: web.Request, ex: Exchange) -> web.StreamResponse:
             headers = {"Retry-After": str(max(1, math.ceil(refusal.retry_after)))}
             raise Refused(429, refusal.message, headers, reason="rate_limited")
         admitted = True
+        await _check_budget(request, ex)
         body = await _read_body(request, ex)
         _check_rights(request, ex)
         return await _admit_and_forward(request, ex, body)
@@ -170,6 +184,16 @@ async def proxy(request: web.Request, ex: Exchange) -> web.StreamResponse:
             limiter.release(ex.key.id)
         if ex.status:
             _record(app, ex)  # once: a no-op when the stream already recorded it
+
+
+async def _check_budget(request: web.Request, ex: Exchange) -> None:
+    budgets = request.app.get(BUDGETS)
+    if budgets is None or ex.user is None or ex.spec.kind is not Kind.INFERENCE:
+        return
+    overrun = await budgets.check(ex.user)
+    if overrun is not None:
+        headers = {"Retry-After": str(max(1, math.ceil(overrun.retry_after)))}
+        raise Refused(429, overrun.message, headers, reason="over_budget")
 
 
 async def _read_body(request: web.Request, ex: Exchange) -> bytes | None:
@@ -580,6 +604,11 @@ def _record(app: web.Application, ex: Exchange) -> None:
         user=ex.user,
     )
     app[USAGE].add(record)
+    budgets = app.get(BUDGETS)
+    if budgets is not None and ex.user is not None:
+        budgets.ledger.add(
+            ex.user, ex.ts, (ex.counts.prompt_tokens or 0) + (ex.counts.completion_tokens or 0)
+        )
     metrics = app[METRICS]
     model_label = _model_label(app, model) if ex.status < 400 else "-"
     metrics.requests.labels(ex.spec.path, model_label, str(ex.status)).inc()

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from ..config import StoreConfig
-from .base import USAGE_GROUPS, AuditRecord, Store, UsageSummary
+from .base import USAGE_GROUPS, AuditRecord, BudgetUse, Store, UsageSummary
 from .sqlite import SQLiteStore
 from .urls import parse_postgres
 
-__all__ = ["USAGE_GROUPS", "AuditRecord", "SQLiteStore", "Store", "UsageSummary", "open_store"]
+__all__ = ["USAGE_GROUPS", "AuditRecord", "BudgetUse", "SQLiteStore", "Store", "UsageSummary", "open_store"]
 
 
 def open_store(

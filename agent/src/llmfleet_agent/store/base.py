@@ -55,6 +55,18 @@ class UsageSummary:
     completion_tokens: int
 
 
+@dataclass(frozen=True)
+class BudgetUse:
+    """A person's tokens (prompt + completion) this UTC day and month: this host's, and the rest of the
+    fleet's (budget_ledger.py)."""
+
+    user: str
+    own_day: int
+    own_month: int
+    other_day: int
+    other_month: int
+
+
 class Store(Protocol):
     async def open(self) -> None: ...
     async def close(self) -> None: ...
@@ -90,6 +102,10 @@ class Store(Protocol):
     async def summarize_usage(self, since: float, until: float | None, by: str) -> list[UsageSummary]:
         """Requests, errors and tokens in [since, until) (until None: up to now), grouped `by` one of
         USAGE_GROUPS, ordered by the group."""
+
+    async def budget_use(self, day_start: float, month_start: float, host: str) -> list[BudgetUse]:
+        """Tokens per recorded user (records that name one) since `month_start` and since `day_start`
+        (UTC day boundaries), split into records of `host` and of other hosts."""
 
     async def prune(self, audit_before: float | None, usage_before: float | None) -> tuple[int, int]:
         """Delete audit and usage records older than the given times (None: keep all); how many went."""

@@ -27,7 +27,7 @@ from ..logs import event
 from ..roles import Role
 from ..usage import UsageRecord
 from . import migrations
-from .base import AuditRecord, UsageSummary
+from .base import AuditRecord, BudgetUse, UsageSummary
 from .errors import StoreError
 from .urls import PostgresURL
 
@@ -161,6 +161,18 @@ _REPORTS = {
     )
     for by, (daily, raw, label, names_keys) in _GROUPS.items()
 }
+
+
+# tokens per user since the month began and since the day began ($1, $2: UTC dates), this host's ($3) and
+# the others', from the daily roll-ups (a few rows per user and day, whatever the traffic)
+_BUDGET_USE = """
+SELECT user_name,
+       coalesce(sum(prompt_tokens + completion_tokens) FILTER (WHERE host = $3 AND day >= $1), 0),
+       coalesce(sum(prompt_tokens + completion_tokens) FILTER (WHERE host = $3), 0),
+       coalesce(sum(prompt_tokens + completion_tokens) FILTER (WHERE host <> $3 AND day >= $1), 0),
+       coalesce(sum(prompt_tokens + completion_tokens) FILTER (WHERE host <> $3), 0)
+FROM usage_daily WHERE day >= $2 AND user_name <> '' GROUP BY user_name
+"""
 
 
 def _months(records: Iterable[UsageRecord]) -> set[tuple[int, int]]:
@@ -461,6 +473,10 @@ class PostgresStore:
             query, _ts(since), _ts(end), first_day.date(), last_day.date(), lead_end, trail_start
         )
         return [UsageSummary(str(g), int(n), int(e or 0), int(p or 0), int(c or 0)) for g, n, e, p, c in rows]
+
+    async def budget_use(self, day_start: float, month_start: float, host: str) -> list[BudgetUse]:
+        rows = await self.pool.fetch(_BUDGET_USE, _ts(day_start).date(), _ts(month_start).date(), host)
+        return [BudgetUse(str(u), int(a), int(b), int(c), int(d)) for u, a, b, c, d in rows]
 
     async def prune(self, audit_before: float | None, usage_before: float | None) -> tuple[int, int]:
         """Remove what the fleet's retention settings let go. The cutoffs are the database's (now() less

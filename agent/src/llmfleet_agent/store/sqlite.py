@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from ..keys import KEY_COLUMNS, KeyRecord, key_from_row, key_to_row
 from ..roles import Role
 from ..usage import USAGE_COLUMNS, UsageRecord
-from .base import USAGE_GROUPS, AuditRecord, UsageSummary
+from .base import USAGE_GROUPS, AuditRecord, BudgetUse, UsageSummary
 
 T = TypeVar("T")
 
@@ -66,6 +66,16 @@ CREATE TABLE IF NOT EXISTS usage (
     user              TEXT
 );
 CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts);
+"""
+
+# tokens per user since the month began and since the day began, this host's and the others'
+_BUDGET_USE = """
+SELECT user, sum(CASE WHEN own AND today THEN t END), sum(CASE WHEN own THEN t END),
+       sum(CASE WHEN NOT own AND today THEN t END), sum(CASE WHEN NOT own THEN t END)
+FROM (SELECT user, host IS ? AS own, ts >= ? AS today,
+             coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0) AS t
+      FROM usage WHERE ts >= ? AND user IS NOT NULL AND user <> '')
+GROUP BY user
 """
 
 # columns later versions added, in the order they were added: a database made by an earlier version gets
@@ -308,6 +318,11 @@ class SQLiteStore:
         window = (since, math.inf if until is None else until)
         rows = await self._call(lambda c: c.execute(query, window).fetchall())
         return [UsageSummary(str(g), int(n), int(e or 0), int(p or 0), int(t or 0)) for g, n, e, p, t in rows]
+
+    async def budget_use(self, day_start: float, month_start: float, host: str) -> list[BudgetUse]:
+        args = (host, day_start, month_start)
+        rows = await self._call(lambda c: c.execute(_BUDGET_USE, args).fetchall())
+        return [BudgetUse(str(u), *(int(n or 0) for n in sums)) for u, *sums in rows]
 
     async def prune(self, audit_before: float | None, usage_before: float | None) -> tuple[int, int]:
         audit = 0 if audit_before is None else await self._delete_before("audit", audit_before)
