@@ -32,7 +32,7 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def agent_cli(config: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run `llmfleet-agent ARGS` with `--config` placed after the (sub)command."""
-    split = 2 if args[0] in ("keys", "db") else 1
+    split = 2 if args[0] in ("keys", "db", "ldap") else 1
     argv = [AGENT, *args[:split], "--config", str(config), *args[split:]]
     return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=60, check=False)
 

@@ -1,6 +1,8 @@
 """A real Active Directory domain controller for tests: Samba, provisioned into its own directory as the
-domain CORP (realm corp.example.com), serving only LDAP on 127.0.0.1 - LDAPS on 636 with a certificate
-from a test CA that names 127.0.0.1 and localhost, and StartTLS on 389.
+domain CORP (realm corp.example.com), serving only LDAP on 127.0.0.1 - LDAPS on 636 and StartTLS on 389,
+with a certificate from a test CA that names what a real domain controller's certificate names: its own
+DNS name (dc1.corp.example.com) and the domain's (corp.example.com), not its address. Clients reach it by
+address and verify the domain's name (`auth.ldap.server_name`), as agents reach AWS Managed AD.
 
 `SambaDC(dir).start()`; `.add_user()`, `.add_group()`, `.add_member()` (nested groups too),
 `.disable_user()` ... change the directory (samba-tool on its database, while it runs); `.stop()` /
@@ -97,7 +99,7 @@ class SambaDC:
             ],
             timeout=180,
         )
-        _, cert, key = make_ca_and_cert(self.dir / "tls")
+        _, cert, key = make_ca_and_cert(self.dir / "tls", (f"dc1.{self.realm}", self.realm))
         key.chmod(0o600)  # Samba refuses a key others can read
         (self.dir / "run").mkdir()
         d = self.dir
@@ -173,7 +175,7 @@ class SambaDC:
     def _admin_bind(self) -> None:
         import ldap3
 
-        tls = ldap3.Tls(ca_certs_file=str(self.ca), validate=ssl.CERT_REQUIRED)
+        tls = ldap3.Tls(ca_certs_file=str(self.ca), validate=ssl.CERT_REQUIRED, valid_names=[self.realm])
         server = ldap3.Server(HOST, port=LDAPS_PORT, use_ssl=True, tls=tls, connect_timeout=2)
         conn = ldap3.Connection(server, self.admin_upn, self.admin_password, receive_timeout=5)
         try:

@@ -53,6 +53,7 @@ def ldap_settings(dc: SambaDC, home: Path) -> dict[str, Any]:
     return {
         "urls": [dc.ldaps_url],
         "ca_file": str(dc.ca),
+        "server_name": dc.realm,  # the certificate names the domain, not the address
         "domain": dc.realm,
         "base_dn": dc.base_dn,
         "bind_user": f"{SERVICE}@{dc.realm}",
@@ -329,3 +330,32 @@ def test_a_group_budget_holds_for_a_person_whichever_way_they_come_in(
     assert me["budget"]["day"]["limit"] == 6 and me["budget"]["day"]["left"] == 0
     code, me, _ = http("GET", agent.url + "/agent/keys/me", headers=basic("alice"))
     assert code == 200 and me["key"] is None and me["budget"]["day"]["used"] == used
+
+
+def test_ldap_check_reaches_the_directory_as_the_agent_will(
+    dc: SambaDC, make_agent: Any, tmp_path: Path
+) -> None:
+    """`llmfleet-agent ldap check`: TLS verified against the domain's name, the service account's bind,
+    every mapped group found; each failure named."""
+    ldap = ldap_settings(dc, tmp_path)
+    agent = make_agent({"auth": {"ldap": ldap}}, name="check")
+    done = agent.cli("ldap", "check", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["server"] == "127.0.0.1:636" and report["problems"] == []
+    assert report["groups"]["llmfleet-users"] == f"CN=llmfleet-users,CN=Users,{dc.base_dn}"
+
+    def fails(**change: Any) -> str:
+        broken = make_agent(
+            {"auth": {"ldap": {**ldap, **change}}}, name=f"check-{len(change)}-{sorted(change)[0]}"
+        )
+        done = broken.cli("ldap", "check")
+        assert done.returncode == 1, done.stdout
+        return done.stderr
+
+    # the certificate names the domain, not the address: without server_name it does not verify
+    assert "doesn't match any name" in fails(server_name=None)
+    wrong = tmp_path / "wrong-password"
+    wrong.write_text("Wrong-Pass-123\n")
+    assert "the directory refused the service account" in fails(bind_password_file=str(wrong))
+    assert "no group llmfleet-nobody" in fails(groups={"llmfleet-nobody": {"role": "user"}})

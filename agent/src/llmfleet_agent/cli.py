@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -95,6 +96,31 @@ def cmd_check_config(cfg: Config, args: argparse.Namespace) -> int:
     print(f"{args.config_path}: configuration is valid")
     if args.show:
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    return 0
+
+
+def cmd_ldap_check(cfg: Config, args: argparse.Namespace) -> int:
+    """Reach the directory as the agent will: TLS verified, the service account's bind, every mapped
+    group found (a security group). Exit 1 naming the first thing that fails."""
+    from .directory import Directory, DirectoryUnavailable  # ldap3 only where it is used
+
+    if cfg.auth.ldap is None:
+        raise CliError(f"{args.config_path}: no auth.ldap section")
+    directory = Directory(cfg.auth.ldap)
+    try:
+        report = asyncio.run(directory.check())
+    except DirectoryUnavailable as exc:
+        raise CliError(f"auth.ldap: the directory cannot be used: {exc}") from None
+    finally:
+        directory.close()
+    if args.json:
+        print(json.dumps(dataclasses.asdict(report), indent=2))
+    else:
+        print(f"{report.server}: the service account {cfg.auth.ldap.bind_user} signed in over TLS")
+        for name, dn in report.groups.items():
+            print(f"  {name}: {dn or 'NOT FOUND'}")
+    if report.problems:
+        raise CliError("; ".join(report.problems))
     return 0
 
 
@@ -588,6 +614,15 @@ def build_parser() -> argparse.ArgumentParser:
     check = with_config(sub.add_parser("check-config", help="validate the configuration and exit"))
     check.add_argument("--show", action="store_true", help="print the effective configuration")
     check.set_defaults(func=cmd_check_config)
+
+    ldap = sub.add_parser("ldap", help="directory logins (auth.ldap)").add_subparsers(
+        dest="ldap_command", required=True
+    )
+    ldap_check = with_config(
+        ldap.add_parser("check", help="sign in as the service account and find the mapped groups")
+    )
+    ldap_check.add_argument("--json", action="store_true", help="the report as JSON")
+    ldap_check.set_defaults(func=cmd_ldap_check)
 
     status = with_config(sub.add_parser("status", help="show the running agent's status"))
     status.add_argument("--url", help="the agent's address (default: from the config's listen section)")

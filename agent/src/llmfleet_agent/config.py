@@ -180,6 +180,10 @@ class LdapConfig(_Section):
     allow_plain: bool = False
     # the CA that signed the domain controllers' certificates (verified by name); required unless plain
     ca_file: Path | None = None
+    # a name the domain controllers' certificates may carry instead of the URL's host: the domain's DNS
+    # name, for URLs that give the controllers' addresses (a domain controller's certificate names the
+    # domain; the host need not resolve it)
+    server_name: Annotated[str, Field(min_length=1, max_length=253)] | None = None
     # the UPN suffix: a user signs in as name@domain (or gives the whole UPN)
     domain: Annotated[str, Field(min_length=1)]
     base_dn: Annotated[str, Field(min_length=1)]

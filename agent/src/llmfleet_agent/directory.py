@@ -84,6 +84,13 @@ class DirectoryUser:
     unusable: str | None  # why the account may not be used now (disabled, locked, expired), or None
 
 
+@dataclass(frozen=True)
+class DirectoryCheck:
+    server: str  # the domain controller that answered (host:port)
+    groups: dict[str, str | None]  # each mapped group -> its DN, None when not found
+    problems: list[str]
+
+
 def account_refusal(attributes: dict[str, Any], now: float | None = None) -> str | None:
     """Why an account may not be used, from its attributes (None: it may)."""
     uac = _int(attributes.get("userAccountControl"))
@@ -193,6 +200,10 @@ class Directory:
         value = escape_filter_chars(name)
         return await self._people.run(lambda: self._lookup(f"(|(userPrincipalName={value})(mail={value}))"))
 
+    async def check(self) -> DirectoryCheck:
+        """Bind as the service account and find every mapped group (`llmfleet-agent ldap check`)."""
+        return await self._lookups.run(self._check)
+
     def close(self) -> None:
         self._logins.close()
         self._lookups.close()
@@ -207,6 +218,7 @@ class Directory:
                 ca_certs_file=str(self.cfg.ca_file),
                 validate=ssl.CERT_REQUIRED,
                 version=ssl.PROTOCOL_TLS_CLIENT,
+                valid_names=[self.cfg.server_name] if self.cfg.server_name else None,
             )
             if self.cfg.ca_file is not None
             else None
@@ -272,6 +284,36 @@ class Directory:
             raise DirectoryUnavailable(
                 f"auth.ldap.bind_user {self.cfg.bind_user}: the directory refused the service account"
             ) from None
+
+    def _check(self) -> DirectoryCheck:
+        service = self._service()
+        try:
+            groups: dict[str, str | None] = {}
+            problems: list[str] = []
+            for key in self.cfg.groups:
+                by = "distinguishedName" if "=" in key else "sAMAccountName"
+                service.search(
+                    self.cfg.base_dn,
+                    f"(&(objectClass=group)({by}={escape_filter_chars(key)}))",
+                    SUBTREE,
+                    attributes=["groupType"],
+                    size_limit=2,
+                )
+                found = [e for e in service.response or [] if e.get("type") == "searchResEntry"]
+                if len(found) != 1:
+                    groups[key] = None
+                    problems.append(f"auth.ldap.groups: no group {key} under {self.cfg.base_dn}")
+                    continue
+                groups[key] = found[0]["dn"]
+                if not _int(found[0]["attributes"].get("groupType")) & SECURITY_GROUP:
+                    problems.append(f"auth.ldap.groups: {key} is a distribution group, which grants nothing")
+            server = service.server
+            return DirectoryCheck(f"{server.host}:{server.port}", groups, problems)
+        except LDAPException as exc:
+            raise DirectoryUnavailable(f"search: {exc}") from None
+        finally:
+            with contextlib.suppress(Exception):
+                service.unbind()
 
     def _authenticate(self, bind_name: str, password: str, match: str) -> DirectoryUser:
         self._connect(bind_name, password).unbind()
