@@ -188,13 +188,21 @@ class Stream:
     """A streamed HTTP request read line by line (http.client), closable mid-answer like a client that
     goes away."""
 
-    def __init__(self, url: str, path: str, body: Any, key: str | None = None, timeout: float = 30) -> None:
+    def __init__(
+        self,
+        url: str,
+        path: str,
+        body: Any,
+        key: str | None = None,
+        timeout: float = 30,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         import http.client
         import urllib.parse
 
         parts = urllib.parse.urlsplit(url)
         self.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
-        headers = {"Content-Type": "application/json", **(bearer(key) if key else {})}
+        headers = {"Content-Type": "application/json", **(bearer(key) if key else {}), **(headers or {})}
         self.conn.request("POST", path, body=json.dumps(body), headers=headers)
         self.response = self.conn.getresponse()
         self.status = self.response.status

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from agents import AgentHandle
-from support import bearer, http, wait_until
+from support import Stream, bearer, http, wait_until
 from test_shared_store import FleetDB, upgrade
 
 from llmfleet_agent import periods
@@ -181,14 +181,71 @@ def test_refusals_are_recorded_and_counted(make_agent: Any) -> None:
     agent.start().wait_ready(30)
     assert chat_as(agent, key, "pat@example.com")[0] == 200
     assert chat_as(agent, key, "pat@example.com")[0] == 429
-    # a key with no person behind it is not limited by the default
-    assert chat_as(agent, key, None)[0] == 200
+    # budgets are per person: a frontend's request that names nobody (or a name past 256 characters) is
+    # refused, not let through unbudgeted
+    for nobody in (None, "x" * 300 + "@example.com"):
+        code, body, _ = chat_as(agent, key, nobody)
+        assert code == 400 and "must name its user" in body["error"], body
     code, metrics, _ = http("GET", agent.url + "/metrics", headers=bearer(agent.key("operator")))
     assert code == 200
     assert 'llmfleet_refused_requests_total{reason="over_budget"} 1.0' in metrics
     report = agent.cli("usage", "--by", "user", "--json")
     rows = {row["group"]: row for row in json.loads(report.stdout)["rows"]}
     assert rows["pat@example.com"]["requests"] == 2 and rows["pat@example.com"]["errors"] == 1
+    # the deployment's own keys name no person: no budget
+    assert chat_as(agent, agent.key("user"), None)[0] == 200
+
+
+def me(agent: AgentHandle, key: str, person: str) -> dict[str, Any]:
+    code, body, _ = http("GET", agent.url + "/agent/keys/me", headers={**bearer(key), EMAIL: person})
+    assert code == 200, body
+    return dict(body["budget"])
+
+
+def test_what_a_client_cannot_dodge(make_agent: Any) -> None:
+    """A stream the client hangs up on is charged what it got; one person's requests at once are capped;
+    answers without counts are charged an estimate."""
+    agent = make_agent(
+        {
+            "ollama": {"env": {"LLMFLEET_SIM_TOKEN_DELAY": "0.02"}},
+            "budgets": {"default": {"day": 100000}, "max_concurrent_per_person": 2},
+        }
+    )
+    key = frontend_key(agent)
+    agent.start().wait_ready(30)
+    # the simulator answers as many words as the prompt has
+    words = [{"role": "user", "content": " ".join(["word"] * 400)}]
+    long = {**CHAT, "messages": words, "stream": True}
+
+    # read ten pieces of a long answer, then hang up: those pieces (and the prompt) are charged
+    stream = Stream(agent.url, "/api/chat", long, key, headers={EMAIL: "cut@example.com"})
+    assert stream.status == 200
+    pieces = stream.lines()
+    for _ in range(10):
+        next(pieces)
+    stream.close()
+    wait_until(lambda: me(agent, key, "cut@example.com")["day"]["used"] >= 10, 10, "the cut stream charged")
+    rows = agent.cli("usage", "--by", "user", "--json")
+    row = {r["group"]: r for r in json.loads(rows.stdout)["rows"]}["cut@example.com"]
+    # what it got (and what was in the pipes), not the whole answer; the prompt estimated from the body
+    assert 10 <= row["completion_tokens"] < 400 and row["prompt_tokens"] == -(-len(json.dumps(long)) // 4)
+    assert me(agent, key, "cut@example.com")["day"]["used"] == row["completion_tokens"] + row["prompt_tokens"]
+
+    # two at once per person: a third waits its turn (429), another person is not held back
+    first = Stream(agent.url, "/api/chat", long, key, headers={EMAIL: "busy@example.com"})
+    second = Stream(agent.url, "/api/chat", long, key, headers={EMAIL: "busy@example.com"})
+    assert first.status == second.status == 200
+    code, body, headers = chat_as(agent, key, "busy@example.com")
+    assert code == 429 and "budgets.max_concurrent_per_person" in body["error"] and headers["Retry-After"]
+    assert chat_as(agent, key, "other@example.com")[0] == 200
+    first.close(), second.close()
+    wait_until(lambda: chat_as(agent, key, "busy@example.com")[0] == 200, 10, "a turn once they ended")
+
+    # the legacy embeddings route gives no counts: a token per 4 bytes of the body is charged
+    legacy = {"model": "tinyllama", "prompt": "x" * 400}
+    headers = {**bearer(key), EMAIL: "embed@example.com"}
+    assert http("POST", agent.url + "/api/embeddings", legacy, headers)[0] == 200
+    wait_until(lambda: me(agent, key, "embed@example.com")["day"]["used"] >= 100, 10, "the embedding charged")
 
 
 # --- fleet-wide -------------------------------------------------------------------------------------------

@@ -330,6 +330,18 @@ def test_a_group_budget_holds_for_a_person_whichever_way_they_come_in(
     assert me["budget"]["day"]["limit"] == 6 and me["budget"]["day"]["left"] == 0
     code, me, _ = http("GET", agent.url + "/agent/keys/me", headers=basic("alice"))
     assert code == 200 and me["key"] is None and me["budget"]["day"]["used"] == used
+    # the directory away: a person whose groups this agent never read gets the smallest group budget,
+    # not none
+    dc.stop()
+    try:
+        erin = {**bearer(frontend), "X-OpenWebUI-User-Email": "erin@corp.example.com"}
+        for _ in range(20):
+            code, body = ask(erin)
+            if code != 200:
+                break
+        assert code == 429 and "daily budget of 6 tokens (the smallest group budget" in body["error"], body
+    finally:
+        dc.start()
 
 
 def test_ldap_check_reaches_the_directory_as_the_agent_will(

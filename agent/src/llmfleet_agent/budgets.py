@@ -22,8 +22,13 @@ from .entitlements import in_group
 from .periods import PERIODS
 
 Groups = tuple[tuple[str, str], ...]
-# a person's directory groups ((DN, name) pairs), or None when the directory does not know them
+# a person's directory groups ((DN, name) pairs), or None when the directory does not know them; raises
+# GroupsUnknown when it cannot say (away, or too many look-ups under way)
 GroupLookup = Callable[[str], Awaitable[Groups | None]]
+
+
+class GroupsUnknown(Exception):
+    """The directory cannot say now which groups a person is in."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,11 @@ class Budget:
 
     def limit(self, period: str) -> int | None:
         return self.day if period == "day" else self.month
+
+
+def _has_own_entry(person: str, cfg: BudgetsConfig) -> bool:
+    folded = person_key(person)
+    return any(person_key(name) == folded for name in cfg.users)
 
 
 def budget_for(person: str, groups: Groups | None, cfg: BudgetsConfig) -> Budget | None:
@@ -51,6 +61,16 @@ def budget_for(person: str, groups: Groups | None, cfg: BudgetsConfig) -> Budget
     if cfg.default is not None:
         return _budget(cfg.default, "budgets.default")
     return None
+
+
+def strictest(cfg: BudgetsConfig) -> Budget | None:
+    """The smallest budget of any group (and the default), period by period: for a person whose groups
+    the directory cannot tell now."""
+    limits = [*cfg.groups.values(), *([cfg.default] if cfg.default is not None else [])]
+    days = [m.day for m in limits if m.day is not None]
+    months = [m.month for m in limits if m.month is not None]
+    limit = BudgetLimit(day=min(days) if days else None, month=min(months) if months else None)
+    return _budget(limit, "the smallest group budget: the directory cannot tell this person's groups now")
 
 
 def _budget(limit: BudgetLimit, source: str) -> Budget | None:
@@ -74,29 +94,58 @@ class Budgets:
         self.cfg = cfg
         self.ledger = ledger
         self._groups = groups
+        self._running: dict[str, int] = {}
 
     async def budget(self, person: str) -> Budget | None:
-        groups = await self._groups(person) if self._groups is not None and self.cfg.groups else None
+        if self._groups is None or not self.cfg.groups or _has_own_entry(person, self.cfg):
+            return budget_for(person, None, self.cfg)
+        try:
+            groups = await self._groups(person)
+        except GroupsUnknown:
+            return strictest(self.cfg)
         return budget_for(person, groups, self.cfg)
 
-    async def check(self, person: str, now: float | None = None) -> Overrun | None:
-        """Why `person` may not start another request now, or None."""
+    async def admit(self, person: str, now: float | None = None) -> Overrun | None:
+        """Let one request of `person` start (then `release` it once), or say why not and for how long: a
+        spent budget (until the last spent period resets), or budgets.max_concurrent_per_person requests
+        already running (what a spent budget can still overrun by)."""
         budget = await self.budget(person)
         if budget is None:
             return None
         now = time.time() if now is None else now
         used = self.ledger.used(person, now)
-        for period, spent in zip(PERIODS, used, strict=True):
-            limit = budget.limit(period)
-            if limit is not None and spent >= limit:
-                ends = periods.end(period, now)
-                word = "daily" if period == "day" else "monthly"
-                return Overrun(
-                    f"{person}: the {word} budget of {limit} tokens ({budget.source}) is spent"
-                    f" ({spent} used); it resets at {periods.iso(ends)}",
-                    ends - now,
-                )
+        spent = [
+            (period, limit, use)
+            for period, use in zip(PERIODS, used, strict=True)
+            if (limit := budget.limit(period)) is not None and use >= limit
+        ]
+        if spent:
+            ends = max(periods.end(period, now) for period, _, _ in spent)
+            period, limit, use = spent[0]
+            word = "daily" if period == "day" else "monthly"
+            return Overrun(
+                f"{person}: the {word} budget of {limit} tokens ({budget.source}) is spent"
+                f" ({use} used); try again at {periods.iso(ends)}",
+                ends - now,
+            )
+        key = person_key(person)
+        running = self._running.get(key, 0)
+        if running >= self.cfg.max_concurrent_per_person:
+            return Overrun(
+                f"{person} has {running} requests running, the most a person with a budget may"
+                " (budgets.max_concurrent_per_person)",
+                1.0,
+            )
+        self._running[key] = running + 1
         return None
+
+    def release(self, person: str) -> None:
+        key = person_key(person)
+        left = self._running.get(key, 0) - 1
+        if left > 0:
+            self._running[key] = left
+        else:
+            self._running.pop(key, None)
 
     async def status(self, person: str, now: float | None = None) -> dict[str, Any]:
         """What `person` used and has left, per period (GET /agent/keys/me)."""

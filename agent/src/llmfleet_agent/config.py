@@ -255,6 +255,9 @@ class BudgetsConfig(_Section):
     # how often the fleet's use is read from the store: another agent's use is seen at most this long
     # after that agent wrote it (it writes every second)
     refresh_interval: Interval = 1.0
+    # requests of one person with a budget running at once on an agent: a budget is checked when a
+    # request starts, so this bounds what a spent budget can still overrun by
+    max_concurrent_per_person: Annotated[int, Field(ge=1, le=1000)] = 4
 
     @field_validator("users")
     @classmethod

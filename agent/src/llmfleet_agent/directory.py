@@ -139,8 +139,12 @@ class _Slots:
         loop = asyncio.get_running_loop()
         self._busy += 1
         future = self._executor.submit(fn)
-        future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._done))
+        future.add_done_callback(lambda _: self._finished(loop))
         return await asyncio.wrap_future(future)
+
+    def _finished(self, loop: asyncio.AbstractEventLoop) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the agent stopped first
+            loop.call_soon_threadsafe(self._done)
 
     def _done(self) -> None:
         self._busy -= 1

@@ -41,7 +41,7 @@ from ..appkeys import (
     SUPERVISOR,
     USAGE,
 )
-from ..frontend import request_user
+from ..frontend import MAX_USER, USER_HEADERS, request_user
 from ..gojson import BodyError, GoObject, loads_object
 from ..http_errors import Handler, defer_expect, json_error
 from ..keys import KeyRecord, model_matches
@@ -114,6 +114,8 @@ class Exchange:
     cut: list[str] = field(default_factory=list)  # set by the gate when the agent ends the request
     recorded: bool = False
     user: str | None = None  # the person behind the request (frontend.py)
+    budgeted: bool = False  # admitted by the person's budget: released when it ends
+    body_size: int = 0
 
 
 class Refused(Exception):
@@ -171,6 +173,7 @@ async def proxy(request: web.Request, ex: Exchange) -> web.StreamResponse:
         admitted = True
         await _check_budget(request, ex)
         body = await _read_body(request, ex)
+        ex.body_size = len(body or b"")
         _check_rights(request, ex)
         return await _admit_and_forward(request, ex, body)
     except Refused as refused:
@@ -182,18 +185,30 @@ async def proxy(request: web.Request, ex: Exchange) -> web.StreamResponse:
     finally:
         if admitted:
             limiter.release(ex.key.id)
+        if ex.budgeted and ex.user is not None:
+            app[BUDGETS].release(ex.user)
         if ex.status:
             _record(app, ex)  # once: a no-op when the stream already recorded it
 
 
 async def _check_budget(request: web.Request, ex: Exchange) -> None:
     budgets = request.app.get(BUDGETS)
-    if budgets is None or ex.user is None or ex.spec.kind is not Kind.INFERENCE:
+    if budgets is None or ex.spec.kind is not Kind.INFERENCE:
         return
-    overrun = await budgets.check(ex.user)
+    if ex.user is None:
+        if ex.key.frontend:  # budgets are per person: a frontend must say whose request it is
+            names = ", ".join(USER_HEADERS)
+            raise Refused(
+                400,
+                f"a frontend key's request must name its user ({names}; printable, at most"
+                f" {MAX_USER} characters): budgets apply per person",
+            )
+        return
+    overrun = await budgets.admit(ex.user)
     if overrun is not None:
         headers = {"Retry-After": str(max(1, math.ceil(overrun.retry_after)))}
         raise Refused(429, overrun.message, headers, reason="over_budget")
+    ex.budgeted = True
 
 
 async def _read_body(request: web.Request, ex: Exchange) -> bytes | None:
@@ -458,6 +473,7 @@ async def _stream(request: web.Request, ex: Exchange, upstream: aiohttp.ClientRe
         if ex.spec.kind is Kind.INFERENCE
         else PassThrough()
     )
+    ex.counts = observer.counts  # filled as the answer streams: a cut answer is charged what it gave
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
     for name, value in upstream.headers.items():
         if name.lower() not in _DROP_RESPONSE:
@@ -578,10 +594,24 @@ def _model_label(app: web.Application, model: str | None) -> str:
     return model if present is not None and model in present else "other"
 
 
+def _estimate_missing_counts(ex: Exchange) -> None:
+    """Inference that began answering but whose counts Ollama did not give (the stream was cut, the
+    legacy /api/embeddings, an answer too large to read) is charged an estimate: the pieces the client got
+    as completion tokens, and a token per 4 bytes of the request body as prompt tokens."""
+    if ex.spec.kind is not Kind.INFERENCE or ex.ttfb is None or ex.status in (400, 401, 403, 404, 405):
+        return
+    counts = ex.counts
+    if counts.completion_tokens is None and counts.chunks:
+        counts.completion_tokens = counts.chunks
+    if counts.prompt_tokens is None and ex.body_size:
+        counts.prompt_tokens = math.ceil(ex.body_size / 4)
+
+
 def _record(app: web.Application, ex: Exchange) -> None:
     if ex.recorded:
         return
     ex.recorded = True
+    _estimate_missing_counts(ex)
     now = time.perf_counter()
     duration = now - ex.started
     ttfb = None if ex.ttfb is None else ex.ttfb - ex.started

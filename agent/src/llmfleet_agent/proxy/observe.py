@@ -20,6 +20,9 @@ class Counts:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     error: str | None = None
+    # pieces of a streamed answer seen (NDJSON lines, SSE events): about a token each, what a stream cut
+    # before its last piece (which carries the counts) is charged
+    chunks: int = 0
 
     def take_native(self, obj: dict[str, Any]) -> None:
         if "prompt_eval_count" in obj:
@@ -93,6 +96,7 @@ class NdjsonObserver:
         self._partial = b""
 
     def feed(self, chunk: bytes) -> bytes:
+        self.counts.chunks += chunk.count(b"\n")
         data = self._partial + chunk if self._partial else chunk
         *lines, self._partial = data.split(b"\n")
         for line in lines:
@@ -124,6 +128,7 @@ class SseObserver:
         self._pending = b""
 
     def feed(self, chunk: bytes) -> bytes:
+        self.counts.chunks += chunk.count(b"\n\n")
         data = self._pending + chunk if self._pending else chunk
         *events, self._pending = data.split(b"\n\n")
         if not self._strip:

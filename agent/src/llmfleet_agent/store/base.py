@@ -57,14 +57,12 @@ class UsageSummary:
 
 @dataclass(frozen=True)
 class BudgetUse:
-    """A person's tokens (prompt + completion) this UTC day and month: this host's, and the rest of the
+    """A person's tokens (prompt + completion) over some whole UTC days: this host's, and the rest of the
     fleet's (budget_ledger.py)."""
 
     user: str
-    own_day: int
-    own_month: int
-    other_day: int
-    other_month: int
+    own: int
+    other: int
 
 
 class Store(Protocol):
@@ -103,9 +101,9 @@ class Store(Protocol):
         """Requests, errors and tokens in [since, until) (until None: up to now), grouped `by` one of
         USAGE_GROUPS, ordered by the group."""
 
-    async def budget_use(self, day_start: float, month_start: float, host: str) -> list[BudgetUse]:
-        """Tokens per recorded user (records that name one) since `month_start` and since `day_start`
-        (UTC day boundaries), split into records of `host` and of other hosts."""
+    async def budget_use(self, since: float, until: float | None, host: str) -> list[BudgetUse]:
+        """Tokens per recorded user (records that name one) in [since, until) (UTC day boundaries; until
+        None: no end), split into records of `host` and of other hosts."""
 
     async def prune(self, audit_before: float | None, usage_before: float | None) -> tuple[int, int]:
         """Delete audit and usage records older than the given times (None: keep all); how many went."""

@@ -15,7 +15,7 @@ import logging
 import ssl
 import time
 from collections.abc import Iterable
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -163,15 +163,13 @@ _REPORTS = {
 }
 
 
-# tokens per user since the month began and since the day began ($1, $2: UTC dates), this host's ($3) and
-# the others', from the daily roll-ups (a few rows per user and day, whatever the traffic)
+# tokens per user over whole UTC days [$1, $2) (dates), this host's ($3) and the others', from the daily
+# roll-ups (a few rows per user and day, whatever the traffic)
 _BUDGET_USE = """
 SELECT user_name,
-       coalesce(sum(prompt_tokens + completion_tokens) FILTER (WHERE host = $3 AND day >= $1), 0),
        coalesce(sum(prompt_tokens + completion_tokens) FILTER (WHERE host = $3), 0),
-       coalesce(sum(prompt_tokens + completion_tokens) FILTER (WHERE host <> $3 AND day >= $1), 0),
        coalesce(sum(prompt_tokens + completion_tokens) FILTER (WHERE host <> $3), 0)
-FROM usage_daily WHERE day >= $2 AND user_name <> '' GROUP BY user_name
+FROM usage_daily WHERE day >= $1 AND day < $2 AND user_name <> '' GROUP BY user_name
 """
 
 
@@ -474,9 +472,10 @@ class PostgresStore:
         )
         return [UsageSummary(str(g), int(n), int(e or 0), int(p or 0), int(c or 0)) for g, n, e, p, c in rows]
 
-    async def budget_use(self, day_start: float, month_start: float, host: str) -> list[BudgetUse]:
-        rows = await self.pool.fetch(_BUDGET_USE, _ts(day_start).date(), _ts(month_start).date(), host)
-        return [BudgetUse(str(u), int(a), int(b), int(c), int(d)) for u, a, b, c, d in rows]
+    async def budget_use(self, since: float, until: float | None, host: str) -> list[BudgetUse]:
+        last = date.max if until is None else _ts(until).date()
+        rows = await self.pool.fetch(_BUDGET_USE, _ts(since).date(), last, host)
+        return [BudgetUse(str(u), int(own), int(other)) for u, own, other in rows]
 
     async def prune(self, audit_before: float | None, usage_before: float | None) -> tuple[int, int]:
         """Remove what the fleet's retention settings let go. The cutoffs are the database's (now() less

@@ -70,11 +70,9 @@ CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts);
 
 # tokens per user since the month began and since the day began, this host's and the others'
 _BUDGET_USE = """
-SELECT user, sum(CASE WHEN own AND today THEN t END), sum(CASE WHEN own THEN t END),
-       sum(CASE WHEN NOT own AND today THEN t END), sum(CASE WHEN NOT own THEN t END)
-FROM (SELECT user, host IS ? AS own, ts >= ? AS today,
-             coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0) AS t
-      FROM usage WHERE ts >= ? AND user IS NOT NULL AND user <> '')
+SELECT user, sum(CASE WHEN host IS ? THEN t END), sum(CASE WHEN host IS NOT ? THEN t END)
+FROM (SELECT user, host, coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0) AS t
+      FROM usage WHERE ts >= ? AND ts < ? AND user IS NOT NULL AND user <> '')
 GROUP BY user
 """
 
@@ -319,8 +317,8 @@ class SQLiteStore:
         rows = await self._call(lambda c: c.execute(query, window).fetchall())
         return [UsageSummary(str(g), int(n), int(e or 0), int(p or 0), int(t or 0)) for g, n, e, p, t in rows]
 
-    async def budget_use(self, day_start: float, month_start: float, host: str) -> list[BudgetUse]:
-        args = (host, day_start, month_start)
+    async def budget_use(self, since: float, until: float | None, host: str) -> list[BudgetUse]:
+        args = (host, host, since, math.inf if until is None else until)
         rows = await self._call(lambda c: c.execute(_BUDGET_USE, args).fetchall())
         return [BudgetUse(str(u), *(int(n or 0) for n in sums)) for u, *sums in rows]
 
