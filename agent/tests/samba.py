@@ -23,6 +23,7 @@ import ssl
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from postgres import make_ca_and_cert
@@ -172,15 +173,28 @@ class SambaDC:
         self.stop()
         raise RuntimeError(f"samba did not answer an LDAPS bind within 60 s ({error!r}):\n{self._log_tail()}")
 
-    def _admin_bind(self) -> None:
+    def _admin(self) -> Any:
+        """A connection bound as Administrator over LDAPS (the caller unbinds it)."""
         import ldap3
 
         tls = ldap3.Tls(ca_certs_file=str(self.ca), validate=ssl.CERT_REQUIRED, valid_names=[self.realm])
         server = ldap3.Server(HOST, port=LDAPS_PORT, use_ssl=True, tls=tls, connect_timeout=2)
         conn = ldap3.Connection(server, self.admin_upn, self.admin_password, receive_timeout=5)
+        if not conn.bind():
+            conn.unbind()
+            raise RuntimeError(f"bind refused: {conn.result}")
+        return conn
+
+    def _admin_bind(self) -> None:
+        self._admin().unbind()
+
+    def search(self, ldap_filter: str, attribute: str = "dn") -> list[str]:
+        """The `attribute` (or DN) of every entry under the base DN that matches `ldap_filter`."""
+        conn = self._admin()
         try:
-            if not conn.bind():
-                raise RuntimeError(f"bind refused: {conn.result}")
+            conn.search(self.base_dn, ldap_filter, attributes=[] if attribute == "dn" else [attribute])
+            entries = [e for e in conn.response or [] if e.get("type") == "searchResEntry"]
+            return [str(e["dn"] if attribute == "dn" else e["attributes"][attribute]) for e in entries]
         finally:
             conn.unbind()
 

@@ -35,6 +35,11 @@ Each fix makes the emulator do what AWS documents, so the roles carry no emulato
   at /llmfleet-emulator/capacity and /llmfleet-emulator/quotas), and the groupSet attribute of an instance
   whose groups were given on its network interface.
 
+- AWS Managed Microsoft AD's users and groups (scripts/emulator/directory_data.py): the Directory Service
+  Data API (ds-data), Describe/EnableDirectoryDataAccess and ResetUserPassword, kept in memory, or made on
+  a real Samba domain controller when LLMFLEET_EMULATOR_DIRECTORY_SAMBA names one (the directory's
+  DnsIpAddrs are then its address).
+
 Run as `python server.py -H 127.0.0.1 -p PORT` (the arguments of moto_server); scripts/emulator.py does.
 """
 
@@ -45,6 +50,7 @@ import sys
 import threading
 from typing import Any
 
+import directory_data  # scripts/emulator/directory_data.py
 import launch as launching  # scripts/emulator/launch.py, beside this file
 import rds_postgres  # scripts/emulator/rds_postgres.py
 from moto.ec2.exceptions import DependencyViolationError, EC2ClientError
@@ -393,6 +399,7 @@ def apply() -> None:
     rds.DBInstance.__init__ = _instance_init(rds.DBInstance.__init__)  # type: ignore[method-assign]
     launching.apply()
     rds_postgres.apply()
+    directory_data.apply()
     apply_spot()
     nat = ec2_nat_gateways.NatGatewayBackend
     nat.delete_nat_gateway = _delete_nat_gateway(nat.delete_nat_gateway)  # type: ignore[method-assign]

@@ -246,3 +246,57 @@ def test_the_agent_preflight_names_what_a_postgresql_store_lacks(tmp_path: Path)
     assert "s3cret-agent-password" not in json.dumps(found)
     assert "agent_store_owner=" in found["no-owner"] and "writes keys" in found["no-owner"], found["no-owner"]
     assert "agent_store=mysql" in found["unknown"], found["unknown"]
+
+
+def test_the_directory_logins_preflights_name_what_is_wrong(tmp_path: Path) -> None:
+    """agent_ldap without its parts (the password never shown); directory_groups with a role that is none."""
+    ldap = {
+        "urls": ["ldaps://10.0.1.10:636"],
+        "server_name": "corp.example.com",
+        "ca_bundle": "/ad-ca.pem",
+        "domain": "corp.example.com",
+        "base_dn": "DC=corp,DC=example,DC=com",
+        "bind_user": "llmfleet-svc@corp.example.com",
+        "bind_password": "s3cret-service-password",
+        "groups": {"llmfleet-users": {"role": "user"}},
+    }
+    agent = {"agent_deployment": "acme-llm"}
+    directory = {
+        "directory_deployment": "acme-llm",
+        "directory_domain": "corp.example.com",
+        "directory_aws": {},
+    }
+    found = run_steps(
+        tmp_path,
+        [
+            {
+                "id": "whole",
+                "role": "agent",
+                "tasks_from": "preflight",
+                "vars": {**agent, "agent_ldap": ldap},
+            },
+            {
+                "id": "no-groups",
+                "role": "agent",
+                "tasks_from": "preflight",
+                "vars": {**agent, "agent_ldap": {**ldap, "groups": {}}},
+            },
+            {
+                "id": "bad-role",
+                "role": "directory",
+                "tasks_from": "preflight",
+                "vars": {**directory, "directory_groups": [{"name": "llmfleet-users", "role": "owner"}]},
+            },
+            {
+                "id": "long-account",
+                "role": "directory",
+                "tasks_from": "preflight",
+                "vars": {**directory, "directory_service_account": "a-service-account-name-too-long"},
+            },
+        ],
+    )
+    assert found["whole"] == "passed", found["whole"]
+    assert "agent_ldap=" in found["no-groups"] and "groups (group name or DN" in found["no-groups"]
+    assert "s3cret-service-password" not in json.dumps(found)
+    assert "directory_groups=" in found["bad-role"] and "role (user, operator or admin)" in found["bad-role"]
+    assert "directory_service_account=a-service-account-name-too-long" in found["long-account"]

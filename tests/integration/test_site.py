@@ -5,10 +5,14 @@ its GPU host as production does, through the aws_ec2 inventory, after creating i
 
 The deployment runs as production does, on the shared PostgreSQL store (llmfleet_store=postgresql): its
 RDS instance is a real PostgreSQL server (the emulator's LLMFLEET_EMULATOR_RDS_POSTGRES: the master role
-it makes is no superuser, as on RDS), reached with TLS verified against a CA bundle given as the RDS one."""
+it makes is no superuser, as on RDS), reached with TLS verified against a CA bundle given as the RDS one.
+With directory logins (llmfleet_directory_logins): its AWS Managed Microsoft AD is a real Samba domain
+controller (LLMFLEET_EMULATOR_DIRECTORY_SAMBA), where the directory stage makes the groups and the service
+account through the emulated Directory Service Data API, and the agent signs people in against it."""
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 from collections.abc import Iterator
@@ -22,6 +26,7 @@ from agent_fleet import bearer, free_port, http, wait_until
 from conftest import client_factory, running_emulator
 from playbook_runs import PlaybookRun, ansible_playbook
 from postgres import PostgresServer
+from samba import SambaDC
 from support import Proc
 
 pytestmark = pytest.mark.slow
@@ -32,7 +37,7 @@ DEPLOYMENT_TAG = {"Key": "llmfleet:deployment", "Value": DEPLOYMENT}
 
 
 class Deployment:
-    def __init__(self, endpoint: str, state_dir: Path, database: PostgresServer) -> None:
+    def __init__(self, endpoint: str, state_dir: Path, database: PostgresServer, dc: SambaDC) -> None:
         # the inventory (its group_vars and its aws_ec2 file alike) takes the deployment from the environment
         self.env = {"AWS_ENDPOINT_URL": endpoint, "LLMFLEET_DEPLOYMENT": DEPLOYMENT}
         self.state_dir = state_dir
@@ -47,8 +52,12 @@ class Deployment:
             *("-e", f"llmfleet_database_port={database.port}"),
             *("-e", f"llmfleet_database_ca_bundle={database.ca}"),
             *("-e", "llmfleet_usage_retention=200d"),
+            # directory logins, against the domain controller behind the emulator's directory
+            *("-e", "llmfleet_directory_logins=true"),
+            *("-e", f"llmfleet_directory_ldaps_ca_bundle={dc.ca}"),
         ]
         self.database = database
+        self.dc = dc
         self.runs: list[PlaybookRun] = []
 
     def play(self, playbook: str, *args: str) -> PlaybookRun:
@@ -68,9 +77,32 @@ def database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServe
 
 
 @pytest.fixture(scope="module")
-def aws_endpoint(tmp_path_factory: pytest.TempPathFactory, database: PostgresServer) -> Iterator[str]:
-    """This module's own emulator, empty at the start (as a fresh account), its RDS backed by `database`."""
-    settings = {"LLMFLEET_EMULATOR_RDS_POSTGRES": database.admin_dsn()}
+def dc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SambaDC]:
+    """The domain controller behind the emulator's Managed AD directory (Samba: one test DC per machine)."""
+    directory = SambaDC(tmp_path_factory.mktemp("ad")).start()
+    try:
+        yield directory
+    finally:
+        directory.destroy()
+
+
+@pytest.fixture(scope="module")
+def aws_endpoint(
+    tmp_path_factory: pytest.TempPathFactory, database: PostgresServer, dc: SambaDC
+) -> Iterator[str]:
+    """This module's own emulator, empty at the start (as a fresh account), its RDS backed by `database`,
+    its directory by `dc`."""
+    samba = {
+        "url": dc.ldaps_url,
+        "ca": str(dc.ca),
+        "server_name": dc.realm,
+        "user": dc.admin_upn,
+        "password": dc.admin_password,
+    }
+    settings = {
+        "LLMFLEET_EMULATOR_RDS_POSTGRES": database.admin_dsn(),
+        "LLMFLEET_EMULATOR_DIRECTORY_SAMBA": json.dumps(samba),
+    }
     with running_emulator(tmp_path_factory, settings) as url:
         yield url
 
@@ -82,10 +114,14 @@ def aws(aws_endpoint: str) -> Any:
 
 @pytest.fixture(scope="module")
 def deployment(
-    aws_endpoint: str, aws: Any, tmp_path_factory: pytest.TempPathFactory, database: PostgresServer
+    aws_endpoint: str,
+    aws: Any,
+    tmp_path_factory: pytest.TempPathFactory,
+    database: PostgresServer,
+    dc: SambaDC,
 ) -> Iterator[Deployment]:
     assert aws("ec2").describe_instances()["Reservations"] == []  # nothing there before the run
-    dep = Deployment(aws_endpoint, tmp_path_factory.mktemp("state"), database)
+    dep = Deployment(aws_endpoint, tmp_path_factory.mktemp("state"), database, dc)
     first = dep.play("site.yml", "-v")
     assert first.returncode == 0, first.output[-5000:]
     yield dep
@@ -300,7 +336,13 @@ def test_a_secret_the_hosts_read_is_granted_by_one_list_entry(deployment: Deploy
 
 def test_passwords_are_in_secrets_manager_and_never_in_the_output(deployment: Deployment, aws: Any) -> None:
     secrets = aws("secretsmanager")
-    for suffix in ("directory-admin", "database-master", "database-owner", "database-agent"):
+    for suffix in (
+        "directory-admin",
+        "directory-service",
+        "database-master",
+        "database-owner",
+        "database-agent",
+    ):
         name = f"llmfleet/{DEPLOYMENT}/{suffix}"
         value = secrets.get_secret_value(SecretId=name)["SecretString"]
         assert len(value) >= 16
@@ -313,6 +355,9 @@ def test_summary_is_printed_and_written(deployment: Deployment, aws: Any) -> Non
     assert outputs["deployment"] == DEPLOYMENT and outputs["vpc_id"] == vpc_id(aws)
     assert len(outputs["private_subnet_ids"]) == 2
     assert outputs["directory"]["id"].startswith("d-") and len(outputs["directory"]["dns_ip_addrs"]) == 2
+    assert outputs["directory"]["ldaps_urls"] == [
+        f"ldaps://{ip}:636" for ip in outputs["directory"]["dns_ip_addrs"]
+    ]
     assert outputs["database"]["endpoint"] and outputs["database"]["port"] == deployment.database.port
     assert sorted(h["name"] for h in outputs["gpu_hosts"]) == ["gpu-a", "gpu-b"]
     assert all(h["private_ip"] for h in outputs["gpu_hosts"])
@@ -431,6 +476,51 @@ def test_the_host_keeps_only_the_agent_password_and_verifies_the_server(
             content = path.read_bytes()
             assert not any(other in content for other in others), f"a database password is in {path}"
     assert secret(aws, "database-agent") not in config_text
+
+
+def test_people_sign_in_against_the_directory_the_deployment_built(
+    deployment: Deployment, aws: Any, tmp_path: Path
+) -> None:
+    """The directory stage made the groups and the service account (ds-data, from the controller); the host
+    stage wrote auth.ldap from the directory's outputs (its controllers by address, verified against the
+    domain's name; the password a root-only credential file) and checked it from the host; a person put in
+    a group by the company's admins then mints a personal key and uses it."""
+    dc = deployment.dc
+    ou = f"OU=Users,OU=CORP,{dc.base_dn}"
+    for group in ("llmfleet-users", "llmfleet-operators", "llmfleet-admins"):
+        assert f"CN={group},{ou}" in dc.search(f"(sAMAccountName={group})", "dn")
+    host = deployment.state_dir / "host"
+    config_text = (host / "etc/llmfleet/agent.yaml").read_text()
+    ldap = yaml.safe_load(config_text)["auth"]["ldap"]
+    assert ldap["urls"] == ["ldaps://127.0.0.1:636", "ldaps://127.0.0.1:636"]  # the controllers' addresses
+    assert ldap["server_name"] == "corp.example.com" and ldap["base_dn"] == dc.base_dn
+    assert ldap["bind_user"] == "llmfleet-svc@corp.example.com"
+    assert ldap["groups"]["llmfleet-operators"] == {"role": "operator", "models": []}
+    password_file = Path(ldap["bind_password_file"])
+    assert password_file == host / "etc/llmfleet/credentials/ldap-password"
+    assert password_file.stat().st_mode & 0o777 == 0o600
+    assert password_file.read_text() == secret(aws, "directory-service")
+    assert secret(aws, "directory-service") not in config_text
+    assert Path(ldap["ca_file"]).read_bytes() == Path(dc.ca).read_bytes()
+    unit = (host / "etc/systemd/system/llmfleet-agent.service").read_text()
+    assert f"LoadCredential=ldap-password:{password_file}" in unit
+    assert "Reach the directory (llmfleet-agent ldap check)" in deployment.runs[0].stdout
+
+    dc.add_user("frank", "Frank-Pass-123", mail="frank@corp.example.com")
+    dc.add_member("llmfleet-operators", "frank")
+    agent = InstalledAgent(deployment.state_dir)
+    proc = Proc([str(agent.bin), "serve", "--config", str(agent.config)], tmp_path / "agent.log")
+    try:
+        wait_until(lambda: http("GET", agent.url + "/readyz")[0] == 200, 60, "the installed agent's /readyz")
+        frank = {"Authorization": "Basic " + base64.b64encode(b"frank:Frank-Pass-123").decode()}
+        code, minted, _headers = http("POST", agent.url + "/agent/keys", {"name": "laptop"}, headers=frank)
+        assert code == 201, minted
+        assert minted["owner"] == "frank@corp.example.com" and minted["role"] == "operator"
+        assert http("GET", agent.url + "/api/tags", headers=bearer(minted["key"]))[0] == 200
+        wrong = {"Authorization": "Basic " + base64.b64encode(b"frank:Wrong-Pass-1").decode()}
+        assert http("POST", agent.url + "/agent/keys", {}, headers=wrong)[0] == 401
+    finally:
+        proc.stop()
 
 
 def test_a_key_taken_off_the_list_is_revoked_on_the_host(deployment: Deployment) -> None:

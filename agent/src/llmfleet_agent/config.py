@@ -24,6 +24,8 @@ from pydantic import (
     model_validator,
 )
 
+from .loopback import is_loopback
+
 CONFIG_ENV = "LLMFLEET_CONFIG"
 DEFAULT_STATE_DIR = Path("/var/lib/llmfleet-agent")
 
@@ -382,8 +384,7 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _directory_passwords_over_tls(self) -> Config:
-        loopback = self.listen.host in ("127.0.0.1", "::1", "localhost")
-        if self.auth.ldap is not None and self.listen.tls is None and not loopback:
+        if self.auth.ldap is not None and self.listen.tls is None and not is_loopback(self.listen.host):
             raise ValueError(
                 f"auth.ldap: listen.tls is required when listening on {self.listen.host}: people's directory"
                 " passwords (HTTP Basic) would cross the network in clear"

@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from ..loopback import is_loopback
+
 SQLITE_FORM = "sqlite:////absolute/path/agent.db"
 POSTGRES_FORM = "postgresql://user@host:5432/dbname?sslmode=verify-full&sslrootcert=/path/ca.pem"
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 # the chain and the name: verify-ca (the chain only) is refused, since one RDS CA bundle signs every
 # instance of a region, so any of them, anyone's, would pass
 VERIFIED = ("verify-full",)
-_LOOPBACK = ("127.0.0.1", "::1", "localhost")
 _PARAMETERS = {"sslmode", "sslrootcert"}
 
 
@@ -36,7 +37,7 @@ class PostgresURL:
 
     @property
     def loopback(self) -> bool:
-        return self.host in _LOOPBACK or self.host.startswith("/")
+        return is_loopback(self.host) or self.host.startswith("/")
 
     def with_user(self, user: str) -> PostgresURL:
         return dataclasses.replace(self, user=user)

@@ -196,3 +196,16 @@ def test_a_dry_run_says_would_stop_only_for_hosts_that_would_drain() -> None:
     results = idle_outcomes(plan, asked, {}, {}, check_mode=True)
 
     assert [r["outcome"] for r in results] == ["would_stop", "not_idle"]
+
+
+def test_ldaps_urls_give_each_controller_by_address() -> None:
+    from ansible_collections.llmfleet.aws.plugins.filter.directory import ldaps_urls
+
+    assert ldaps_urls(["10.42.128.10", "10.42.144.10"]) == [
+        "ldaps://10.42.128.10:636",
+        "ldaps://10.42.144.10:636",
+    ]
+    assert ldaps_urls(["fd00::10"]) == ["ldaps://[fd00::10]:636"]
+    assert ldaps_urls([]) == []
+    with pytest.raises(AnsibleFilterError, match="not a list of addresses"):
+        ldaps_urls("10.42.128.10")
