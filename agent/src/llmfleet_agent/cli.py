@@ -329,7 +329,10 @@ def cmd_keys_create(cfg: Config, args: argparse.Namespace) -> int:
         args.max_concurrent,
         args.rpm,
         frontend=args.frontend,
+        gateway=args.gateway,
     )
+    if wanted.frontend and wanted.gateway:
+        raise CliError("--frontend and --gateway: a key is one or the other")
 
     host = cfg.resolved_host_id
 
@@ -692,6 +695,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="a frontend's key (Open WebUI): its requests are recorded for the end user its"
         " X-OpenWebUI-User-* headers name",
+    )
+    create.add_argument(
+        "--gateway",
+        action="store_true",
+        help="the fleet gateway's key: it acts for the callers the gateway authenticated (accepted only from"
+        " auth.gateway_sources)",
     )
     create.add_argument("--json", action="store_true", help="machine-readable output")
     keys_stdin = (

@@ -6,6 +6,7 @@ or a bad value raises `ConfigError` with a message that names the key (for examp
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -282,6 +283,19 @@ class AuthConfig(_Section):
     failure_window: Seconds = 60.0
     # directory logins and personal keys (POST /agent/keys with the user's directory credentials)
     ldap: LdapConfig | None = None
+    # where the fleet's gateway calls from (addresses or CIDRs): a gateway key (keys create --gateway) is
+    # accepted from these only, and acts for the caller it names (gateway_identity.py); empty: from nowhere
+    gateway_sources: list[str] = []
+
+    @field_validator("gateway_sources")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for source in value:
+            try:
+                ipaddress.ip_network(source, strict=False)
+            except ValueError:
+                raise ValueError(f"{source!r} is not an address or a CIDR block") from None
+        return value
 
 
 class StoreConfig(_Section):

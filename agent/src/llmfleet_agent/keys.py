@@ -99,6 +99,9 @@ class KeyRecord:
     # the key of a frontend (Open WebUI) that names its end user per request in forwarded headers: the
     # usage record (and budgets) go to that person (frontend.py); any other key's such headers are ignored
     frontend: bool = False
+    # the fleet's gateway's key: its requests may act for the caller the gateway authenticated, named in
+    # X-Llmfleet-* headers (gateway_identity.py), accepted only from auth.gateway_sources
+    gateway: bool = False
 
     @classmethod
     def new(
@@ -111,6 +114,7 @@ class KeyRecord:
         max_concurrent: int | None = None,
         rpm: int | None = None,
         frontend: bool = False,
+        gateway: bool = False,
     ) -> KeyRecord:
         now = time.time()
         return cls(
@@ -124,6 +128,7 @@ class KeyRecord:
             max_concurrent=max_concurrent,
             rpm=rpm,
             frontend=frontend,
+            gateway=gateway,
         )
 
     def matches(self, secret: str) -> bool:
@@ -156,6 +161,7 @@ class KeyRecord:
             self.max_concurrent,
             self.rpm,
             self.frontend,
+            self.gateway,
         )
 
     def with_grant_of(self, other: KeyRecord) -> KeyRecord:
@@ -168,6 +174,7 @@ class KeyRecord:
             max_concurrent=other.max_concurrent,
             rpm=other.rpm,
             frontend=other.frontend,
+            gateway=other.gateway,
         )
 
     def public(self) -> dict[str, Any]:
@@ -186,6 +193,7 @@ class KeyRecord:
             "owner": self.owner,
             "suspended": self.suspended,
             "frontend": self.frontend,
+            "gateway": self.gateway,
         }
 
 
@@ -207,6 +215,7 @@ KEY_COLUMNS = (
     "suspended",
     "checked",
     "frontend",
+    "gateway",
 )
 
 
@@ -223,4 +232,5 @@ def key_from_row(row: Any) -> KeyRecord:
     models = values["models"]
     values["models"] = tuple(json.loads(models) if isinstance(models, str) else models)
     values["frontend"] = bool(values["frontend"])
+    values["gateway"] = bool(values["gateway"])
     return KeyRecord(**{column: values[column] for column in KEY_COLUMNS})

@@ -27,7 +27,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 
-from ..access_control import request_key, requires
+from ..access_control import GATEWAY_REQUEST_ID, request_key, requires
 from ..appkeys import (
     ACTIVITY,
     AUDIT,
@@ -71,6 +71,12 @@ _DROP_REQUEST = frozenset(
         "host",
         "content-length",
         "authorization",
+        # the gateway's identity headers (gateway_identity.py) are for the agent only
+        "x-llmfleet-key-id",
+        "x-llmfleet-role",
+        "x-llmfleet-models",
+        "x-llmfleet-user",
+        "x-llmfleet-request-id",
         "expect",
         "content-encoding",  # aiohttp has decoded the body: what is forwarded is plain
     }
@@ -148,7 +154,10 @@ def make_handler(spec: RouteSpec) -> Handler:
     @requires(spec.role)
     async def handler(request: web.Request) -> web.StreamResponse:
         key = request_key(request)
-        return await proxy(request, Exchange(spec, key, user=request_user(key, request.headers)))
+        ex = Exchange(spec, key, user=request_user(key, request.headers))
+        if GATEWAY_REQUEST_ID in request:  # forwarded by the gateway: its id for the request
+            ex.request_id = request[GATEWAY_REQUEST_ID]
+        return await proxy(request, ex)
 
     handler.__name__ = f"proxy {spec.method} {spec.path}"
     setattr(handler, ROUTE_SPEC, spec)  # what the OpenAPI document describes

@@ -349,11 +349,17 @@ _FRONTEND = """
 ALTER TABLE keys ADD COLUMN frontend boolean NOT NULL DEFAULT false;
 """
 
+# the gateway's keys: they act for the caller the gateway authenticated; the owner makes them
+_GATEWAY = """
+ALTER TABLE keys ADD COLUMN gateway boolean NOT NULL DEFAULT false;
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "keys, audit, usage in monthly partitions", _INITIAL),
     Migration(2, "daily usage roll-ups", _DAILY),
     Migration(3, "personal keys and leases", _PERSONAL),
     Migration(4, "frontend keys", _FRONTEND),
+    Migration(5, "gateway keys", _GATEWAY),
 )
 HEAD = MIGRATIONS[-1].version
 

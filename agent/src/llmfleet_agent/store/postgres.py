@@ -81,8 +81,8 @@ _UPSERT_KEY = (
     f" VALUES ({', '.join(f'${i + 1}' for i in range(len(KEY_COLUMNS)))})"
     f" ON CONFLICT (id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in KEY_COLUMNS if c != 'id')}"
 )
-# a personal key is never a frontend's: the function takes every column but that one
-PERSONAL_KEY_COLUMNS = tuple(c for c in KEY_COLUMNS if c != "frontend")
+# a personal key is never a frontend's or a gateway's: the function takes every column but those
+PERSONAL_KEY_COLUMNS = tuple(c for c in KEY_COLUMNS if c not in ("frontend", "gateway"))
 _PUT_PERSONAL_KEY = (
     f"SELECT llmfleet_put_personal_key({', '.join(f'${i + 1}' for i in range(len(PERSONAL_KEY_COLUMNS)))})"
 )

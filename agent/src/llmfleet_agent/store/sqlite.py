@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS keys (
     owner     TEXT,
     suspended TEXT,
     checked   REAL,
-    frontend  INTEGER NOT NULL DEFAULT 0
+    frontend  INTEGER NOT NULL DEFAULT 0,
+    gateway   INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS audit (
     ts      REAL NOT NULL,
@@ -85,6 +86,7 @@ _ADDED_COLUMNS = {
         ("suspended", "ALTER TABLE keys ADD COLUMN suspended TEXT"),
         ("checked", "ALTER TABLE keys ADD COLUMN checked REAL"),
         ("frontend", "ALTER TABLE keys ADD COLUMN frontend INTEGER NOT NULL DEFAULT 0"),
+        ("gateway", "ALTER TABLE keys ADD COLUMN gateway INTEGER NOT NULL DEFAULT 0"),
     ),
     "audit": (
         ("host", "ALTER TABLE audit ADD COLUMN host TEXT"),
