@@ -225,8 +225,13 @@ def test_what_a_client_cannot_dodge(make_agent: Any) -> None:
         next(pieces)
     stream.close()
     wait_until(lambda: me(agent, key, "cut@example.com")["day"]["used"] >= 10, 10, "the cut stream charged")
-    rows = agent.cli("usage", "--by", "user", "--json")
-    row = {r["group"]: r for r in json.loads(rows.stdout)["rows"]}["cut@example.com"]
+
+    def report() -> dict[str, Any]:
+        rows = agent.cli("usage", "--by", "user", "--json")
+        return {r["group"]: r for r in json.loads(rows.stdout)["rows"]}
+
+    wait_until(lambda: "cut@example.com" in report(), 10, "the cut stream's record in the store")
+    row = report()["cut@example.com"]
     # what it got (and what was in the pipes), not the whole answer; the prompt estimated from the body
     assert 10 <= row["completion_tokens"] < 400 and row["prompt_tokens"] == -(-len(json.dumps(long)) // 4)
     assert me(agent, key, "cut@example.com")["day"]["used"] == row["completion_tokens"] + row["prompt_tokens"]

@@ -175,7 +175,10 @@ async def _budgets_ctx(app: web.Application) -> AsyncIterator[None]:
     budgets = cfg.budgets
     assert budgets is not None
     timeout = cfg.store.connect_timeout + cfg.store.statement_timeout
-    ledger = Ledger(app[STORE], app[HOST_ID], budgets.refresh_interval, timeout)
+    # a store of one host (SQLite) has no other agents' use to read after the start
+    ledger = Ledger(
+        app[STORE], app[HOST_ID], budgets.refresh_interval, timeout, shared=cfg.store.sqlite_path is None
+    )
     ldap = cfg.auth.ldap
     groups = PersonGroups(app[DIRECTORY], ldap.revalidate_interval) if ldap is not None else None
     await ledger.start()

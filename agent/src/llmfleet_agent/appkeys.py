@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import aiohttp
 from aiohttp import web
 
@@ -16,6 +18,7 @@ from .metrics import Metrics
 from .probes import ProbeSampler
 from .proxy.gate import Gate
 from .proxy.limits import KeyLimiter
+from .proxy.upstream import Upstream
 from .store import AuditRecord, Store
 from .supervisor import Supervisor
 from .usage import UsageRecord
@@ -40,3 +43,7 @@ DIRECTORY = web.AppKey("directory", Directory)
 LOGIN_THROTTLE = web.AppKey("login_throttle", LoginThrottle)
 # token budgets per person (budgets); absent when not configured
 BUDGETS = web.AppKey("budgets", Budgets)
+# the gateway: where proxied requests go (a host of the fleet); absent on an agent (its own Ollama)
+UPSTREAM = web.AppKey("upstream", Upstream)
+# the gateway: the models its hosts have (metric labels: a model no host has is "other")
+KNOWN_MODELS = web.AppKey("known_models", Callable[[], set[str]])

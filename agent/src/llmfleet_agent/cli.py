@@ -82,6 +82,40 @@ def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gateway(cfg: Config, args: argparse.Namespace) -> int:
+    """The fleet's one endpoint (gateway/): the same checks as an agent, the fleet's hosts behind it."""
+    from .gateway.app import create_gateway_app
+
+    setup_logging(cfg.logging.level, cfg.logging.format)
+    ctx = ssl_context(cfg)
+    scheme = "https" if ctx else "http"
+    event(
+        log,
+        logging.INFO,
+        f"llmfleet-agent gateway {__version__} starting; will listen on {scheme}://{cfg.listen.host}:{cfg.listen.port}",
+        config=str(args.config_path),
+    )
+    _use_uvloop()
+    install_parser_errors()
+    try:
+        web.run_app(
+            create_gateway_app(cfg),
+            host=cfg.listen.host,
+            port=cfg.listen.port,
+            ssl_context=ctx,
+            access_log_class=AccessLogger,
+            shutdown_timeout=cfg.listen.shutdown_timeout,
+            handler_cancellation=True,
+            print=None,
+        )
+    except StoreError as exc:
+        raise CliError(f"store {_store_display(cfg)}: {exc}") from None
+    except OSError as exc:
+        raise CliError(f"cannot listen on {cfg.listen.host}:{cfg.listen.port}: {exc.strerror}") from None
+    event(log, logging.INFO, "llmfleet-agent gateway stopped")
+    return 0
+
+
 def _use_uvloop() -> None:
     """uvloop's event loop when it is installed (it is a dependency on Linux): less overhead per request."""
     try:
@@ -614,6 +648,11 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     with_config(sub.add_parser("serve", help="run the agent")).set_defaults(func=cmd_serve)
+    with_config(
+        sub.add_parser(
+            "gateway", help="run the fleet's gateway (the gateway section): one endpoint for every host"
+        )
+    ).set_defaults(func=cmd_gateway)
     check = with_config(sub.add_parser("check-config", help="validate the configuration and exit"))
     check.add_argument("--show", action="store_true", help="print the effective configuration")
     check.set_defaults(func=cmd_check_config)

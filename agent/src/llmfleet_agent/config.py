@@ -377,6 +377,41 @@ class LoggingConfig(_Section):
     format: Literal["json", "text"] = "json"
 
 
+class GatewayHost(_Section):
+    id: Annotated[str, Field(min_length=1, max_length=64)]
+    url: Annotated[str, Field(pattern=r"^https?://[^/\s]+$")]
+
+
+class GatewayConfig(_Section):
+    """`llmfleet-agent gateway`: the fleet's one endpoint (gateway/)."""
+
+    # the gateway's own key (keys create --gateway), in a file or the systemd credential of that name
+    key_file: Path
+    # the hosts: a fixed list, or discovered from EC2 (instances tagged llmfleet:deployment=<deployment>)
+    hosts: list[GatewayHost] = []
+    deployment: str | None = None
+    region: str | None = None
+    # another EC2 endpoint (the emulator)
+    endpoint_url: str | None = None
+    agent_port: Port = 8443
+    agent_scheme: Literal["https", "http"] = "https"
+    # verifies the agents' certificates (their self-signed certificates, or the CA that signed them)
+    agent_ca_file: Path | None = None
+    # an instance tag that gives its agent's address (host:port) instead of its private IP (the tests)
+    address_tag: str | None = None
+    # how often the hosts are discovered and asked whether they are ready and what they have
+    refresh_interval: Seconds = 5.0
+    # a host whose connections fail this many times in a row gets no traffic for eject_for seconds
+    eject_after: Annotated[int, Field(ge=1)] = 3
+    eject_for: Seconds = 30.0
+
+    @model_validator(mode="after")
+    def _some_hosts(self) -> GatewayConfig:
+        if not self.hosts and not self.deployment:
+            raise ValueError("hosts (a fixed list) or deployment (discovered from EC2) is required")
+        return self
+
+
 class Config(_Section):
     listen: ListenConfig = ListenConfig()
     ollama: OllamaConfig = OllamaConfig()
@@ -389,6 +424,8 @@ class Config(_Section):
     logging: LoggingConfig = LoggingConfig()
     # token budgets per person (budgets.py); absent: none
     budgets: BudgetsConfig | None = None
+    # llmfleet-agent gateway only (the ollama section is not used there)
+    gateway: GatewayConfig | None = None
     # where the agent keeps its own files (the Ollama process-group file, the spool); default: beside a
     # SQLite store
     state_dir: Path | None = None

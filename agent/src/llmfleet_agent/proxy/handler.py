@@ -35,10 +35,12 @@ from ..appkeys import (
     CONFIG,
     GATE,
     HOST_ID,
+    KNOWN_MODELS,
     LIMITER,
     METRICS,
     SESSION,
     SUPERVISOR,
+    UPSTREAM,
     USAGE,
 )
 from ..frontend import MAX_USER, USER_HEADERS, request_user
@@ -54,6 +56,7 @@ from ..usage import UsageRecord
 from .gate import SHUTTING_DOWN
 from .observe import Counts, Observer, PassThrough, observer_for
 from .routes import Filter, Kind, RouteSpec
+from .upstream import Target
 
 log = logging.getLogger("llmfleet.proxy")
 
@@ -120,6 +123,7 @@ class Exchange:
     cut: list[str] = field(default_factory=list)  # set by the gate when the agent ends the request
     recorded: bool = False
     user: str | None = None  # the person behind the request (frontend.py)
+    target: Target | None = None  # where it was sent
     budgeted: bool = False  # admitted by the person's budget: released when it ends
     body_size: int = 0
 
@@ -365,6 +369,9 @@ def _check_rights(request: web.Request, ex: Exchange) -> None:
 
 async def _admit_and_forward(request: web.Request, ex: Exchange, body: bytes | None) -> web.StreamResponse:
     app = request.app
+    upstream = app.get(UPSTREAM)
+    if upstream is not None:  # the gateway: a host of the fleet answers (gateway/routing.py)
+        return await upstream.forward(request, ex, lambda targets: _forward(request, ex, body, targets))
     cfg = app[CONFIG]
     supervisor = app[SUPERVISOR]
     gate = app[GATE]
@@ -381,7 +388,7 @@ async def _admit_and_forward(request: web.Request, ex: Exchange, body: bytes | N
         raise Refused(503, "draining: this host is about to stop; retry later", retry, reason="draining")
     ex.cut = cut
     try:
-        return await _forward(request, ex, body)
+        return await _forward(request, ex, body, [Target("ollama", supervisor.base_url)])
     finally:
         if use:
             activity.end()
@@ -423,46 +430,68 @@ async def _paced(request: web.Request, ex: Exchange) -> AsyncIterator[bytes]:
         yield chunk
 
 
-async def _forward(request: web.Request, ex: Exchange, body: bytes | None) -> web.StreamResponse:
+async def _forward(
+    request: web.Request, ex: Exchange, body: bytes | None, targets: list[Target]
+) -> web.StreamResponse:
+    """Send the request to the first target that takes the connection (a connection refused before a byte
+    was sent tries the next), and stream its answer back."""
     app = request.app
     cfg = app[CONFIG].proxy
-    url = app[SUPERVISOR].base_url + request.rel_url.raw_path_qs
     data: Any = body if ex.spec.json_body else (_paced(request, ex) if ex.spec.streams_body else None)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout, sock_read=cfg.read_timeout)
-    try:
-        upstream_cm = app[SESSION].request(
-            request.method,
-            url,
-            data=data,
-            headers=_upstream_headers(request),
-            timeout=timeout,
-            allow_redirects=False,
-        )
-        async with upstream_cm as upstream:
-            if ex.spec.filter is not Filter.NONE and ex.key.models and upstream.status == 200:
-                return await _filtered(request, ex, upstream)
-            return await _stream(request, ex, upstream)
-    except asyncio.CancelledError:
-        if not ex.cut or ex.status:
-            raise
-        _uncancel()  # cut by the gate while Ollama had not answered yet
-        raise Refused(503, f"{SHUTTING_DOWN}; retry on another host", reason="stopping") from None
-    except aiohttp.ClientConnectorError as exc:
-        retry = {"Retry-After": str(math.ceil(cfg.retry_after))}
-        raise Refused(503, f"ollama is not reachable: {exc.os_error}", retry, reason="unreachable") from None
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        if ex.status:  # the answer had started: _stream recorded it
-            raise
-        if ex.body_timed_out:
-            limit = app[CONFIG].limits.body_timeout
-            message = f"request body stalled: nothing received for {limit:g}s"
-            raise Refused(408, message, reason="body_timeout", close=True) from None
-        if isinstance(exc, asyncio.TimeoutError):
-            message = f"ollama did not answer within {cfg.read_timeout:g}s"
-            raise Refused(504, message, reason="timeout") from None
-        message = f"ollama failed before answering: {type(exc).__name__}: {exc}"
-        event(log, logging.WARNING, "ollama failed before answering", request_id=ex.request_id, error=message)
-        raise Refused(502, message, reason="upstream_failed") from None
+    for index, target in enumerate(targets):
+        headers = _upstream_headers(request)
+        headers.update(target.headers)
+        ex.target = target
+        try:
+            upstream_cm = app[SESSION].request(
+                request.method,
+                target.base_url + request.rel_url.raw_path_qs,
+                data=data,
+                headers=headers,
+                timeout=timeout,
+                allow_redirects=False,
+            )
+            async with upstream_cm as upstream:
+                target.connected()
+                if ex.spec.filter is not Filter.NONE and ex.key.models and upstream.status == 200:
+                    return await _filtered(request, ex, upstream)
+                return await _stream(request, ex, upstream)
+        except asyncio.CancelledError:
+            if not ex.cut or ex.status:
+                raise
+            _uncancel()  # cut by the gate while Ollama had not answered yet
+            raise Refused(503, f"{SHUTTING_DOWN}; retry on another host", reason="stopping") from None
+        except aiohttp.ClientConnectorError as exc:  # nothing was sent: the next target may take it
+            target.failed(str(exc.os_error))
+            if index + 1 < len(targets):
+                continue
+            retry = {"Retry-After": str(math.ceil(cfg.retry_after))}
+            tried = ", ".join(t.name for t in targets)
+            message = f"{tried} not reachable: {exc.os_error}" if len(targets) > 1 else None
+            message = message or f"{target.name} is not reachable: {exc.os_error}"
+            raise Refused(503, message, retry, reason="unreachable") from None
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            target.failed(f"{type(exc).__name__}: {exc}")
+            if ex.status:  # the answer had started: _stream recorded it
+                raise
+            if ex.body_timed_out:
+                limit = app[CONFIG].limits.body_timeout
+                message = f"request body stalled: nothing received for {limit:g}s"
+                raise Refused(408, message, reason="body_timeout", close=True) from None
+            if isinstance(exc, asyncio.TimeoutError):
+                message = f"{target.name} did not answer within {cfg.read_timeout:g}s"
+                raise Refused(504, message, reason="timeout") from None
+            message = f"{target.name} failed before answering: {type(exc).__name__}: {exc}"
+            event(
+                log,
+                logging.WARNING,
+                "upstream failed before answering",
+                request_id=ex.request_id,
+                error=message,
+            )
+            raise Refused(502, message, reason="upstream_failed") from None
+    raise Refused(503, "no host to send the request to", {"Retry-After": str(math.ceil(cfg.retry_after))})
 
 
 async def _send(response: web.StreamResponse, data: bytes) -> None:
@@ -599,7 +628,9 @@ def _model_label(app: web.Application, model: str | None) -> str:
     """A metric label: a model Ollama has, else `other` (never raw request text: labels must stay few)."""
     if model is None:
         return "-"
-    present = app[SUPERVISOR].models_present
+    supervisor = app.get(SUPERVISOR)
+    known = app.get(KNOWN_MODELS)
+    present = supervisor.models_present if supervisor is not None else known() if known is not None else None
     return model if present is not None and model in present else "other"
 
 
@@ -621,6 +652,9 @@ def _record(app: web.Application, ex: Exchange) -> None:
         return
     ex.recorded = True
     _estimate_missing_counts(ex)
+    if ex.target is not None and ex.target.records:  # a host of the fleet took it and records it itself
+        _count(app, ex, recorded_model(ex.model) if ex.model else None)
+        return
     now = time.perf_counter()
     duration = now - ex.started
     ttfb = None if ex.ttfb is None else ex.ttfb - ex.started
@@ -648,6 +682,13 @@ def _record(app: web.Application, ex: Exchange) -> None:
         budgets.ledger.add(
             ex.user, ex.ts, (ex.counts.prompt_tokens or 0) + (ex.counts.completion_tokens or 0)
         )
+    _count(app, ex, model)
+
+
+def _count(app: web.Application, ex: Exchange, model: str | None) -> None:
+    """The request's metrics (and audit)."""
+    duration = time.perf_counter() - ex.started
+    ttfb = None if ex.ttfb is None else ex.ttfb - ex.started
     metrics = app[METRICS]
     model_label = _model_label(app, model) if ex.status < 400 else "-"
     metrics.requests.labels(ex.spec.path, model_label, str(ex.status)).inc()

@@ -1,0 +1,101 @@
+"""The gateway's application: the agent's authentication, limits, budgets and forwarder (app.py,
+proxy/handler.py), with the fleet's hosts as the upstream instead of a local Ollama."""
+
+from __future__ import annotations
+
+import ssl
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from ..access_control import access_middleware
+from ..activity import Activity
+from ..app import _budgets_ctx, _directory_ctx, _keys_ctx, _store_ctx
+from ..appkeys import (
+    ACTIVITY,
+    AUDIT,
+    CONFIG,
+    GATE,
+    HOST_ID,
+    KNOWN_MODELS,
+    LIMITER,
+    METRICS,
+    SESSION,
+    STARTED_AT,
+    UPSTREAM,
+    USAGE,
+)
+from ..config import Config, ConfigError
+from ..credentials import CredentialError, read_credential
+from ..http_errors import add_routes, error_middleware
+from ..metrics import Metrics
+from ..personal_keys import routes as personal_routes
+from ..proxy.gate import Gate
+from ..proxy.handler import add_proxy_routes
+from ..proxy.limits import KeyLimiter
+from ..proxy.routes import ROUTES
+from .fleet import Fleet
+from .routing import FLEET, GatewayUpstream, routes
+
+# the fleet's model lists are the gateway's own (the union of the hosts'); every other route is forwarded
+OWN_PATHS = {("GET", "/api/tags"), ("GET", "/v1/models")}
+
+
+async def _fleet_ctx(app: web.Application) -> AsyncIterator[None]:
+    cfg = app[CONFIG]
+    gateway = cfg.gateway
+    assert gateway is not None
+    try:
+        key = read_credential(gateway.key_file, "gateway.key_file")
+    except CredentialError as exc:
+        raise ConfigError(str(exc)) from None
+    context = ssl.create_default_context(
+        cafile=str(gateway.agent_ca_file) if gateway.agent_ca_file is not None else None
+    )
+    proxy = cfg.proxy
+    connector = aiohttp.TCPConnector(limit=proxy.max_connections, keepalive_timeout=30, ssl=context)
+    timeout = aiohttp.ClientTimeout(
+        total=None, sock_connect=proxy.connect_timeout, sock_read=proxy.read_timeout
+    )
+    session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
+    app[SESSION] = session
+    fleet = Fleet(gateway, session, key)
+    await fleet.start()
+    app[FLEET] = fleet
+    app[UPSTREAM] = GatewayUpstream(fleet, key)
+    app[KNOWN_MODELS] = lambda: {m for h in fleet.hosts.values() for m in h.models}
+    yield
+    await fleet.stop()
+    await session.close()
+
+
+def create_gateway_app(cfg: Config) -> web.Application:
+    if cfg.gateway is None:
+        raise ConfigError("gateway: the section is required to run the gateway")
+    app = web.Application(
+        middlewares=[error_middleware, access_middleware], client_max_size=cfg.limits.max_body_bytes
+    )
+    app[CONFIG] = cfg
+    app[HOST_ID] = cfg.resolved_host_id
+    app[STARTED_AT] = time.time()
+    app[ACTIVITY] = Activity()
+    app[LIMITER] = KeyLimiter(cfg.limits.max_concurrent_per_key, cfg.limits.requests_per_minute_per_key)
+    app[METRICS] = Metrics(
+        app[ACTIVITY],
+        lambda: None,
+        lambda: None,
+        lambda: [w for w in (app.get(USAGE), app.get(AUDIT)) if w is not None],
+    )
+    app[GATE] = Gate()
+    app.cleanup_ctx.extend([_store_ctx, _keys_ctx])
+    if cfg.auth.ldap is not None:
+        app.cleanup_ctx.append(_directory_ctx)
+        add_routes(app, personal_routes)
+    if cfg.budgets is not None:
+        app.cleanup_ctx.append(_budgets_ctx)
+    app.cleanup_ctx.append(_fleet_ctx)
+    add_routes(app, routes)
+    add_proxy_routes(app, tuple(s for s in ROUTES if (s.method, s.path) not in OWN_PATHS))
+    return app

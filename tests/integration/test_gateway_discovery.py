@@ -1,0 +1,146 @@
+"""The gateway finds the fleet in EC2 (issue 14): the deployment's GPU instances in the emulator, each
+pointing at a real agent on loopback (the address tag stands in for the private IP, which the tests cannot
+reach), are discovered and routed to by model; an instance that is stopped gets no traffic even though
+its agent still answers."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from agent_fleet import AGENT, Fleet, bearer, free_port, http, wait_until
+from conftest import client_factory
+from emulators import running_emulator
+from support import Proc
+
+pytestmark = pytest.mark.slow
+
+DEPLOYMENT = "gwtest"
+ADDRESS_TAG = "llmfleet:agent-address"
+MODELS = {"gpu-a": ["tinyllama:latest"], "gpu-b": ["qwen2:0.5b"]}
+
+
+class Setup:
+    def __init__(self, tmp: Path, endpoint: str) -> None:
+        self.gateway_key = "llmf_" + secrets.token_urlsafe(32)
+        self.fleet = Fleet(tmp / "agents")
+        for name, models in MODELS.items():
+            agent = self.fleet.add(
+                name, {"ollama": {"models": models}, "auth": {"gateway_sources": ["127.0.0.1/32"]}}
+            )
+            made = agent.cli(
+                "keys", "create", "--name", "gateway", "--role", "operator", "--gateway", "--from-stdin",
+                stdin=self.gateway_key,
+            )  # fmt: skip
+            assert made.returncode == 0, made.stderr
+        self.fleet.start()
+        ec2 = client_factory(endpoint)("ec2")
+        image = ec2.describe_images()["Images"][0]["ImageId"]
+        self.instances: dict[str, str] = {}
+        for name, agent in self.fleet.agents.items():
+            tags = {
+                "llmfleet:deployment": DEPLOYMENT,
+                "llmfleet:role": "gpu-host",
+                "llmfleet:host": name,
+                ADDRESS_TAG: agent.url.removeprefix("http://"),
+            }
+            made = ec2.run_instances(
+                ImageId=image,
+                InstanceType="g5.xlarge",
+                MinCount=1,
+                MaxCount=1,
+                TagSpecifications=[
+                    {"ResourceType": "instance", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}
+                ],
+            )
+            self.instances[name] = made["Instances"][0]["InstanceId"]
+        self.ec2 = ec2
+        # the gateway: its own store with the callers' key, EC2 discovery on the emulator
+        home = tmp / "gateway"
+        home.mkdir()
+        (home / "gateway-key").write_text(self.gateway_key)
+        (home / "gateway-key").chmod(0o600)
+        self.url = f"http://127.0.0.1:{free_port()}"
+        config = {
+            "listen": {"host": "127.0.0.1", "port": int(self.url.rsplit(":", 1)[1])},
+            "store": {"url": f"sqlite:///{home}/gateway.db"},
+            "host_id": "gateway-1",
+            "gateway": {
+                "key_file": str(home / "gateway-key"),
+                "deployment": DEPLOYMENT,
+                "region": "us-east-1",
+                "endpoint_url": endpoint,
+                "agent_scheme": "http",
+                "address_tag": ADDRESS_TAG,
+                "refresh_interval": 0.5,
+            },
+        }
+        self.config = home / "gateway.yaml"
+        self.config.write_text(yaml.safe_dump(config))
+        for role in ("user", "operator"):
+            argv = [AGENT, "keys", "create", "--config", str(self.config), "--name", role, "--role", role]
+            secret = getattr(self.fleet, f"{role}_key")
+            made = subprocess.run(
+                [*argv, "--from-stdin"], input=secret, capture_output=True, text=True, timeout=60, check=False
+            )
+            assert made.returncode == 0, made.stderr
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+        self.proc = Proc([AGENT, "gateway", "--config", str(self.config)], home / "gateway.log", env=env)
+        wait_until(lambda: http("GET", self.url + "/readyz")[0] == 200, 60, "the gateway's /readyz")
+
+    def hosts(self) -> dict[str, dict[str, Any]]:
+        code, body, _ = http("GET", self.url + "/gateway/status", headers=bearer(self.fleet.operator_key))
+        assert code == 200, body
+        return {h["id"]: h for h in body["hosts"]}
+
+    def chat(self, model: str) -> tuple[int, Any]:
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": False}
+        code, answer, _ = http("POST", self.url + "/api/chat", body, bearer(self.fleet.user_key))
+        return code, answer
+
+    def stop(self) -> None:
+        self.proc.stop()
+        self.fleet.stop()
+
+
+@pytest.fixture
+def setup(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> Iterator[Setup]:
+    with running_emulator(tmp_path_factory) as endpoint:
+        made = Setup(tmp_path, endpoint)
+        try:
+            yield made
+        finally:
+            made.stop()
+
+
+def test_the_gateway_finds_the_fleet_in_ec2_and_never_routes_to_a_stopped_host(setup: Setup) -> None:
+    a, b = setup.instances["gpu-a"], setup.instances["gpu-b"]
+    wait_until(
+        lambda: all(h["ready"] for h in setup.hosts().values()) and len(setup.hosts()) == 2,
+        30,
+        "both hosts ready",
+    )
+    assert setup.hosts()[a]["models"] == ["tinyllama:latest"] and setup.hosts()[b]["models"] == ["qwen2:0.5b"]
+    assert setup.chat("tinyllama")[0] == 200 and setup.chat("qwen2:0.5b")[0] == 200
+
+    def chats_on(name: str) -> int:
+        code, body = setup.fleet.request(
+            name, "GET", "/agent/usage?by=model&since=1h", key=setup.fleet.operator_key
+        )
+        assert code == 200, body
+        return sum(r["requests"] for r in body["rows"] if r["group"] != "-")
+
+    wait_until(lambda: chats_on("gpu-b") == 1, 10, "gpu-b's record of its request")
+    setup.ec2.stop_instances(InstanceIds=[b])
+    wait_until(lambda: setup.hosts()[b]["state"] == "stopped", 15, "the gateway to see gpu-b stopped")
+    code, body = setup.chat("qwen2:0.5b")
+    assert code == 503 and "qwen2:0.5b" in body["error"], body
+    assert setup.hosts()[b]["ready"] is False and "stopped" in setup.hosts()[b]["reasons"][0]
+    assert chats_on("gpu-b") == 1  # its agent still answers, but got nothing
+    assert setup.chat("tinyllama")[0] == 200
