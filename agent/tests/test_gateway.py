@@ -56,7 +56,7 @@ class Gateway:
         config = {
             "listen": {"host": "127.0.0.1", "port": self.port},
             "store": db.store(),
-            "host_id": "gateway-1",
+            "host_id": directory.name,
             "state_dir": str(directory / "state"),
             "auth": {"refresh_interval": 0.5},
             "gateway": {
@@ -249,3 +249,29 @@ def test_a_budget_holds_through_the_gateway(
         fleet_db.database,
     )
     assert rows.split("|")[1] == "true", rows
+
+
+def test_two_gateways_serve_the_same_fleet_alike(
+    fleet: tuple[Gateway, dict[str, AgentHandle], dict[str, str]], fleet_db: FleetDB, tmp_path: Path
+) -> None:
+    """Gateways share nothing but the database: a second one sees the same hosts and models, and requests
+    through either are served and recorded once."""
+    first, agents, keys = fleet
+    gateway_key = (first.config.parent / "gateway-key").read_text().strip()
+    second = Gateway(tmp_path / "gateway-2", fleet_db, agents, gateway_key)
+    try:
+        wait_until(lambda: all(h["ready"] for h in second.status(keys["operator"])["hosts"]), 30, "ready")
+        for gateway in (first, second):
+            code, tags, _ = http("GET", gateway.url + "/api/tags", headers=bearer(keys["user"]))
+            assert [m["name"] for m in tags["models"]] == ["phi3:mini", "qwen2:0.5b", "tinyllama:latest"]
+        chat = {"model": "tinyllama", "messages": [{"role": "user", "content": "hi"}], "stream": False}
+        ids = []
+        for index in range(10):
+            gateway = (first, second)[index % 2]
+            code, body, headers = http("POST", gateway.url + "/api/chat", chat, bearer(keys["user"]))
+            assert code == 200, body
+            ids.append(headers["X-Request-Id"])
+        for request_id in ids:
+            wait_until(lambda r=request_id: len(served_by(fleet_db, r)) == 1, 15, "one record per request")
+    finally:
+        second.proc.stop()
