@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
-"""Benchmark: the agent's proxy against a direct connection to the same Ollama, side by side in one run.
+"""Benchmark: the agent's proxy against a direct connection to the same Ollama, and the fleet gateway in
+front of that agent, side by side in one run.
 
 Starts the agent with the simulator as its Ollama (token delay 0, so the backend costs almost nothing and
-the proxy's own cost shows), then drives the simulator directly and through the agent with the same
-requests: concurrency 1 and 64, streamed and not. Reports the latency the agent adds (p50, p99), the
-throughput ratio (agent / direct), the time-to-first-byte added for streams, the agent's peak memory, and
-its memory before and after 20,000 requests. Writes everything as JSON under bench/results/.
+the proxy's own cost shows) and a gateway whose one host is that agent, then drives the simulator
+directly, through the agent, and through the gateway with the same requests: concurrency 1 and 64,
+streamed and not. Reports the latency the agent adds over direct and the gateway over the agent (p50,
+p99), the throughput ratios, the time-to-first-byte added for streams, CPU per request of each process,
+the agent's peak memory, and its memory before and after 20,000 requests. Writes everything as JSON under
+bench/results/.
 
     make bench                       # or: .venv/bin/python bench/bench.py [--quick]
 """
@@ -40,7 +43,7 @@ BODY = {
 
 @dataclass
 class Run:
-    target: str  # direct | agent
+    target: str  # direct | agent | gateway
     concurrency: int
     stream: bool
     requests: int
@@ -201,7 +204,28 @@ class PeakRss:
             self._task.cancel()
 
 
-def start_agent(workdir: Path) -> tuple[subprocess.Popen[bytes], str, str, str]:
+def _cli(*args: Any, stdin: str | None = None) -> str:
+    made = subprocess.run(
+        [BIN / "llmfleet-agent", *args], input=stdin, capture_output=True, text=True, check=True
+    )
+    return made.stdout.strip()
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=1) as resp:  # noqa: S310 - our own http URL
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise SystemExit(f"{url} did not become ready; see {log}")
+
+
+def start_agent(workdir: Path, gateway_key: str) -> tuple[subprocess.Popen[bytes], str, str, str]:
     agent_port, ollama_port = free_port(), free_port()
     config = {
         "listen": {"host": "127.0.0.1", "port": agent_port},
@@ -213,46 +237,63 @@ def start_agent(workdir: Path) -> tuple[subprocess.Popen[bytes], str, str, str]:
             "env": {"LLMFLEET_SIM_TOKEN_DELAY": "0"},
         },
         "store": {"url": f"sqlite:///{workdir}/agent.db"},
+        "auth": {"gateway_sources": ["127.0.0.1/32"]},
     }
     path = workdir / "agent.yaml"
     path.write_text(yaml.safe_dump(config))
-    made = subprocess.run(
-        [
-            BIN / "llmfleet-agent",
-            "keys",
-            "create",
-            "--config",
-            path,
-            "--name",
-            "bench",
-            "--role",
-            "user",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    key = made.stdout.strip()
+    key = _cli("keys", "create", "--config", path, "--name", "bench", "--role", "user")
+    gateway = ("--name", "gateway", "--role", "operator", "--gateway", "--from-stdin")
+    _cli("keys", "create", "--config", path, *gateway, stdin=gateway_key)
     log = (workdir / "agent.log").open("wb")
     proc = subprocess.Popen([BIN / "llmfleet-agent", "serve", "--config", path], stdout=log, stderr=log)
     url = f"http://127.0.0.1:{agent_port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=1) as resp:  # noqa: S310 - our own http URL
-                if resp.status == 200:
-                    return proc, url, f"http://127.0.0.1:{ollama_port}", key
-        except OSError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise SystemExit(f"the agent did not become ready; see {workdir / 'agent.log'}")
+    _wait_ready(url, proc, workdir / "agent.log")
+    return proc, url, f"http://127.0.0.1:{ollama_port}", key
+
+
+def start_gateway(
+    workdir: Path, agent_url: str, gateway_key: str, user_key: str
+) -> tuple[subprocess.Popen[bytes], str]:
+    """A gateway whose one host is the agent; the same user key in its store."""
+    home = workdir / "gateway"
+    home.mkdir()
+    key_file = home / "gateway-key"
+    key_file.write_text(gateway_key)
+    key_file.chmod(0o600)
+    port = free_port()
+    config = {
+        "listen": {"host": "127.0.0.1", "port": port},
+        "store": {"url": f"sqlite:///{home}/gateway.db"},
+        "gateway": {"key_file": str(key_file), "hosts": [{"id": "agent", "url": agent_url}]},
+    }
+    path = home / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    _cli(
+        "keys",
+        "create",
+        "--config",
+        path,
+        "--name",
+        "bench",
+        "--role",
+        "user",
+        "--from-stdin",
+        stdin=user_key,
+    )
+    log = (home / "gateway.log").open("wb")
+    proc = subprocess.Popen([BIN / "llmfleet-agent", "gateway", "--config", path], stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    _wait_ready(url, proc, home / "gateway.log")
+    return proc, url
 
 
 async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    proc, agent_url, direct_url, key = start_agent(workdir)
+    gateway_key = "llmf_" + os.urandom(32).hex()
+    proc, agent_url, direct_url, key = start_agent(workdir, gateway_key)
+    gateway, gateway_url = start_gateway(workdir, agent_url, gateway_key, key)
     rss = PeakRss(proc.pid)
     agent_proc = psutil.Process(proc.pid)
+    gateway_proc = psutil.Process(gateway.pid)
     ollama_proc = agent_proc.children()[0]
     rss.start()
     runs: list[Run] = []
@@ -262,13 +303,14 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 sides = [
                     Target("direct", direct_url, None, stream, [ollama_proc]),
                     Target("agent", agent_url, key, stream, [agent_proc, ollama_proc]),
+                    Target("gateway", gateway_url, key, stream, [gateway_proc, agent_proc, ollama_proc]),
                 ]
                 await compare(sides, concurrency, total)
                 pair = [side.run(concurrency, stream) for side in sides]
                 for run in pair:
                     target = run.target
                     print(
-                        f"  {target:<6} c={concurrency:<3} stream={stream!s:<5} {run.rps:8.0f} req/s  "
+                        f"  {target:<7} c={concurrency:<3} stream={stream!s:<5} {run.rps:8.0f} req/s  "
                         f"p50 {run.p50_ms:7.3f} ms  p99 {run.p99_ms:7.3f} ms  "
                         f"ttfb p50 {run.ttfb_p50_ms:7.3f} ms",
                         flush=True,
@@ -286,12 +328,26 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         )
     finally:
         rss.stop()
-        proc.terminate()
-        proc.wait(timeout=30)
+        for running in (gateway, proc):
+            running.terminate()
+            running.wait(timeout=30)
 
     agent_pid, ollama_pid = agent_proc.pid, ollama_proc.pid
-    comparisons = []
-    for direct, agent in zip(runs[0::2], runs[1::2], strict=True):
+    comparisons, gateway_comparisons = [], []
+    for direct, agent, through in zip(runs[0::3], runs[1::3], runs[2::3], strict=True):
+        gateway_comparisons.append(
+            {
+                "concurrency": agent.concurrency,
+                "stream": agent.stream,
+                "added_p50_ms": round(through.p50_ms - agent.p50_ms, 3),
+                "added_p99_ms": round(through.p99_ms - agent.p99_ms, 3),
+                "added_ttfb_p50_ms": round(through.ttfb_p50_ms - agent.ttfb_p50_ms, 3),
+                "throughput_ratio": round(through.rps / agent.rps, 3),
+                "agent_rps": round(agent.rps, 1),
+                "gateway_rps": round(through.rps, 1),
+                "gateway_cpu_us_per_request": through.cpu_us_per_request[str(gateway_proc.pid)],
+            }
+        )
         comparisons.append(
             {
                 "concurrency": direct.concurrency,
@@ -315,6 +371,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         },
         "runs": [{**asdict(r), "rps": round(r.rps, 1)} for r in runs],
         "comparisons": comparisons,
+        "gateway_comparisons": gateway_comparisons,
         "agent_memory": {
             "peak_rss_mib": round(rss.peak / 2**20, 1),
             "soak_requests": args.soak,
@@ -338,7 +395,7 @@ def main() -> int:
     if args.quick:
         args.requests_c1, args.requests_c64, args.soak = 200, 640, 1000
     print(
-        "llmfleet bench: the agent vs a direct connection to the same simulator (token delay 0)",
+        "llmfleet bench: the gateway, the agent and a direct connection to one simulator (token delay 0)",
         flush=True,
     )
     with tempfile.TemporaryDirectory(prefix="llmfleet-bench-") as tmp:
@@ -353,6 +410,16 @@ def main() -> int:
             f" {c['added_p99_ms']:>6.3f} ms"
             f" {c['added_ttfb_p50_ms']:>11.3f} ms {c['throughput_ratio']:>18.2f}"
             f"  {c['agent_cpu_us_per_request']:>6.0f} us, {c['ollama_cpu_us_per_request']:.0f} us"
+        )
+    print(
+        "\n  gateway over agent: concurrency stream  added p50  added p99  gateway/agent req/s"
+        "  gateway CPU/request"
+    )
+    for c in result["gateway_comparisons"]:
+        print(
+            f"  {c['concurrency']:>30} {c['stream']!s:<6} {c['added_p50_ms']:>6.3f} ms"
+            f" {c['added_p99_ms']:>6.3f} ms {c['throughput_ratio']:>20.2f}"
+            f"  {c['gateway_cpu_us_per_request']:>6.0f} us"
         )
     mem = result["agent_memory"]
     print(

@@ -1,4 +1,5 @@
-"""`make bench` runs end to end and writes its JSON (the figures themselves live in docs/performance.md)."""
+"""`make bench` runs end to end (direct, agent and gateway side by side) and writes its JSON (the figures
+themselves live in docs/performance.md)."""
 
 from __future__ import annotations
 
@@ -32,5 +33,13 @@ def test_bench_quick_run_writes_json(tmp_path: Path) -> None:
         assert run["errors"] == 0 and run["requests"] > 0
     for comparison in result["comparisons"]:
         assert comparison["agent_rps"] > 0 and comparison["agent_cpu_us_per_request"] > 0
+    # the gateway beside the agent, in the same run: every request through it answered
+    assert {(c["concurrency"], c["stream"]) for c in result["gateway_comparisons"]} == {
+        (c["concurrency"], c["stream"]) for c in result["comparisons"]
+    }
+    assert all(
+        c["gateway_rps"] > 0 and c["gateway_cpu_us_per_request"] > 0 for c in result["gateway_comparisons"]
+    )
+    assert {run["target"] for run in result["runs"]} == {"direct", "agent", "gateway"}
     assert result["agent_memory"]["peak_rss_mib"] > 0
     assert "added p50" in res.stdout
