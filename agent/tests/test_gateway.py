@@ -18,7 +18,7 @@ import openai
 import pytest
 import yaml
 from agents import AGENT, AgentHandle, deep_merge, new_agent
-from support import Proc, bearer, free_port, http, wait_until
+from support import Proc, Stream, bearer, free_port, http, wait_until
 from test_shared_store import FleetDB, upgrade
 
 pytestmark = pytest.mark.slow
@@ -56,7 +56,7 @@ class Gateway:
         config = {
             "listen": {"host": "127.0.0.1", "port": self.port},
             "store": db.store(),
-            "host_id": directory.name,
+            "host_id": "gateway-1" if directory.name == "gateway" else directory.name,
             "state_dir": str(directory / "state"),
             "auth": {"refresh_interval": 0.5},
             "gateway": {
@@ -87,7 +87,11 @@ def fleet(
     for host_id, models in MODELS.items():
         overrides = deep_merge(
             fleet_db.agent_overrides(host_id),
-            {"ollama": {"models": models}, "auth": {"gateway_sources": ["127.0.0.1/32"]}},
+            # answers take a little while (10 ms a token), so that requests overlap
+            {
+                "ollama": {"models": models, "env": {"LLMFLEET_SIM_TOKEN_DELAY": "0.01"}},
+                "auth": {"gateway_sources": ["127.0.0.1/32"]},
+            },
         )
         agents[host_id] = new_agent(tmp_path / host_id, overrides)
     first = agents["i-aaa"]
@@ -104,7 +108,11 @@ def fleet(
     for agent in agents.values():
         agent.wait_ready(60)
     # a budget the gateway holds (the agents have none: what stops the person is the gateway)
-    budgets = {"budgets": {"users": {"kim@example.com": {"day": BUDGET}}, "refresh_interval": REFRESH}}
+    budgets = {
+        "budgets": {"users": {"kim@example.com": {"day": BUDGET}}, "refresh_interval": REFRESH},
+        # a non-streamed answer longer than this is a 504 (the next chunk waited for that long)
+        "proxy": {"read_timeout": 1.5},
+    }
     gateway = Gateway(tmp_path / "gateway", fleet_db, agents, gateway_key, budgets)
     try:
         wait_until(
@@ -275,3 +283,42 @@ def test_two_gateways_serve_the_same_fleet_alike(
             wait_until(lambda r=request_id: len(served_by(fleet_db, r)) == 1, 15, "one record per request")
     finally:
         second.proc.stop()
+
+
+LONG = {"role": "user", "content": " ".join(["word"] * 300)}  # a 300-token answer: 3 s
+
+
+def test_requests_spread_over_the_hosts_and_a_slow_answer_ejects_none(
+    fleet: tuple[Gateway, dict[str, AgentHandle], dict[str, str]], fleet_db: FleetDB
+) -> None:
+    gateway, _agents, keys = fleet
+    body = {"model": "tinyllama", "messages": [LONG], "stream": True}
+    streams = [Stream(gateway.url, "/api/chat", body, keys["user"]) for _ in range(6)]
+    try:
+        assert all(s.status == 200 for s in streams)
+        routed = {h["id"]: h["routed"] for h in gateway.status(keys["operator"])["hosts"]}
+        # tinyllama is on i-aaa and i-ccc: fewest in flight first, so they share the six
+        assert routed["i-aaa"] == 3 and routed["i-ccc"] == 3 and routed["i-bbb"] == 0, routed
+    finally:
+        for stream in streams:
+            stream.close()
+    # a non-streamed answer slower than proxy.read_timeout: 504 for the caller, no fault of the host's
+    code, answer, _ = http("POST", gateway.url + "/api/chat", {**body, "stream": False}, bearer(keys["user"]))
+    assert code == 504, answer
+    hosts = {h["id"]: h for h in gateway.status(keys["operator"])["hosts"]}
+    assert hosts["i-aaa"]["ejected_for"] is None and hosts["i-ccc"]["ejected_for"] is None, hosts
+
+
+def test_when_no_host_takes_it_the_gateway_records_the_request(
+    fleet: tuple[Gateway, dict[str, AgentHandle], dict[str, str]], fleet_db: FleetDB
+) -> None:
+    gateway, agents, keys = fleet
+    for host in ("i-aaa", "i-ccc"):
+        proc = agents[host].proc
+        assert proc is not None
+        proc.stop()
+    chat = {"model": "tinyllama", "messages": [{"role": "user", "content": "hi"}], "stream": False}
+    code, body, headers = http("POST", gateway.url + "/api/chat", chat, bearer(keys["user"]))
+    assert code == 503 and "127.0.0.1" not in body["error"], body  # the hosts' addresses stay in the logs
+    request_id = headers["X-Request-Id"]
+    wait_until(lambda: served_by(fleet_db, request_id) == ["gateway-1"], 15, "the gateway's record of it")

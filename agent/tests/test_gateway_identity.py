@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from typing import Any
 
 import pytest
@@ -31,7 +32,7 @@ def gateway_key(agent: AgentHandle) -> str:
 
 
 def acting(
-    key: str, caller: str, role: str = "user", models: str = "tinyllama*", **extra: str
+    key: str, caller: str, role: str = "user", models: str = '["tinyllama*"]', **extra: str
 ) -> dict[str, str]:
     return {
         **bearer(key),
@@ -93,6 +94,40 @@ def test_the_gateway_acts_for_its_caller_and_the_agent_records_the_request_once(
     assert record["key_id"] != "someone-else" and record["user"] is None
 
 
+def test_the_gateways_time_limits_and_patterns_hold_on_the_agent(make_agent: Any) -> None:
+    """The record takes the gateway's time (so a request recorded by both is stored once); the caller's
+    limits were the gateway's to enforce, so the agent's defaults do not cut them again; patterns travel as
+    JSON, a comma in one included."""
+    agent = make_agent(
+        {"auth": {"gateway_sources": ["127.0.0.1/32"]}, "limits": {"requests_per_minute_per_key": 2}}
+    )
+    gateway = gateway_key(agent)
+    agent.start().wait_ready(30)
+    stamp = f"{time.time() - 1.25:.6f}"
+    headers = acting(
+        gateway,
+        "5a5a5a5a5a5a5a5a",
+        **{"X-Llmfleet-Request-Id": "abcdef0123456789", "X-Llmfleet-Request-Ts": stamp},
+    )
+    assert http("POST", agent.url + "/api/chat", CHAT, headers)[0] == 200
+    wait_until(lambda: any(r["request_id"] == "abcdef0123456789" for r in records(agent)), 10, "the record")
+    (record,) = [r for r in records(agent) if r["request_id"] == "abcdef0123456789"]
+    assert record["ts"] == float(stamp)
+    # the agent's default of 2 a minute does not apply to what the gateway let through
+    for _ in range(4):
+        assert http("POST", agent.url + "/api/chat", CHAT, acting(gateway, "5a5a5a5a5a5a5a5a"))[0] == 200
+    comma = acting(gateway, "5a5a5a5a5a5a5a5a", models='["tinyllam[a,b]:*"]')
+    assert http("POST", agent.url + "/api/chat", CHAT, comma)[0] == 200
+    # a time far from the agent's clock, patterns that are not a JSON array: 400 naming the header
+    skewed = acting(gateway, "5a5a5a5a5a5a5a5a", **{"X-Llmfleet-Request-Ts": str(time.time() - 3600)})
+    code, body, _ = http("POST", agent.url + "/api/chat", CHAT, skewed)
+    assert code == 400 and "X-Llmfleet-Request-Ts" in body["error"]
+    code, body, _ = http(
+        "POST", agent.url + "/api/chat", CHAT, acting(gateway, "5a5a5a5a5a5a5a5a", models="tinyllama*")
+    )
+    assert code == 400 and "X-Llmfleet-Models" in body["error"]
+
+
 def test_a_gateway_key_from_elsewhere_is_refused(make_agent: Any) -> None:
     agent = make_agent({"auth": {"gateway_sources": ["10.0.0.0/8"]}})
     gateway = gateway_key(agent)
@@ -116,3 +151,16 @@ def test_gateway_sources_are_addresses() -> None:
     with pytest.raises(ConfigError, match=r"auth\.gateway_sources: .*'the gateway' is not an address"):
         parse_config({"auth": {"gateway_sources": ["the gateway"]}})
     assert parse_config({"auth": {"gateway_sources": ["10.42.0.0/24", "fd00::1"]}}).auth.gateway_sources
+    # the gateway sends agents its key: over TLS it must verify them
+    with pytest.raises(ConfigError, match=r"gateway: .*agent_ca_file: required"):
+        parse_config({"gateway": {"key_file": "/k", "deployment": "acme-llm"}})
+    with pytest.raises(ConfigError, match=r"hosts \(a fixed list\) or deployment"):
+        parse_config({"gateway": {"key_file": "/k", "agent_scheme": "http"}})
+
+
+def test_an_ipv4_gateway_seen_through_a_dual_stack_socket_counts() -> None:
+    from llmfleet_agent.gateway_identity import from_gateway
+
+    assert from_gateway("::ffff:10.42.0.7", ["10.42.0.0/24"])
+    assert not from_gateway("::ffff:10.43.0.7", ["10.42.0.0/24"])
+    assert not from_gateway("not an address", ["0.0.0.0/0"])

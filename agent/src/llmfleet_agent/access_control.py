@@ -15,7 +15,7 @@ from aiohttp import web
 from .access import REQUEST_KEY_ID
 from .appkeys import AUDIT, CONFIG, KEYRING
 from .auth import AuthFailure
-from .gateway_identity import REQUEST_ID, GatewayRefusal, acting_for
+from .gateway_identity import GatewayRefusal, acting_for, request_stamp
 from .http_errors import Handler, json_error, send_continue
 from .keys import KeyRecord
 from .logs import clip
@@ -27,8 +27,9 @@ _PUBLIC = PUBLIC = "public"
 # the handler authenticates the caller itself (directory credentials or a key): personal_keys.py
 SELF_SERVICE = "self-service"
 REQUEST_KEY = "llmfleet_key"
-# the id the gateway gave a request it forwards (gateway_identity.py), for its usage record
+# the id and time the gateway gave a request it forwards (gateway_identity.py), for its usage record
 GATEWAY_REQUEST_ID = "llmfleet_gateway_request_id"
+GATEWAY_REQUEST_TS = "llmfleet_gateway_request_ts"
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -96,13 +97,16 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     if result.gateway:  # the fleet's gateway, acting for the caller it authenticated
         try:
             result = acting_for(result, request, request.app[CONFIG].auth.gateway_sources)
+            request_id, request_ts = request_stamp(request)
         except GatewayRefusal as refusal:
             request[REQUEST_KEY_ID] = result.id
             detail = {"path": clip(request.path), "remote": clip(request.remote), "error": refusal.message}
             request.app[AUDIT].add(AuditRecord("gateway_refused", result.id, detail))
             return json_error(refusal.status, refusal.message)
-        if REQUEST_ID in request.headers:
-            request[GATEWAY_REQUEST_ID] = request.headers[REQUEST_ID]
+        if request_id is not None:
+            request[GATEWAY_REQUEST_ID] = request_id
+        if request_ts is not None:
+            request[GATEWAY_REQUEST_TS] = request_ts
     request[REQUEST_KEY] = result
     request[REQUEST_KEY_ID] = result.id
     http_exception = getattr(match_info, "http_exception", None)

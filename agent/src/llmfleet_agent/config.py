@@ -409,6 +409,16 @@ class GatewayConfig(_Section):
     def _some_hosts(self) -> GatewayConfig:
         if not self.hosts and not self.deployment:
             raise ValueError("hosts (a fixed list) or deployment (discovered from EC2) is required")
+        https = (
+            any(h.url.startswith("https://") for h in self.hosts)
+            if self.hosts
+            else self.agent_scheme == "https"
+        )
+        if https and self.agent_ca_file is None:
+            raise ValueError(
+                "agent_ca_file: required to verify the agents (their certificates, or the CA that signed"
+                " them): the gateway sends them its key"
+            )
         return self
 
 

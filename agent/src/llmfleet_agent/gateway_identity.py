@@ -12,7 +12,9 @@ the headers a gateway key acts as itself (its own role: the gateway's status and
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
+import time
 from dataclasses import replace
 
 from aiohttp import web
@@ -22,15 +24,20 @@ from .roles import Role
 
 KEY_ID = "X-Llmfleet-Key-Id"  # the caller's key (or directory login) id
 ROLE = "X-Llmfleet-Role"  # the caller's role
-MODELS = "X-Llmfleet-Models"  # the caller's model patterns, comma-separated; absent or empty: every model
+MODELS = "X-Llmfleet-Models"  # the caller's model patterns, a JSON array; absent or []: every model
 USER = "X-Llmfleet-User"  # the person behind the request, when there is one
 REQUEST_ID = "X-Llmfleet-Request-Id"  # the gateway's id of the request, for the record
-HEADERS = (KEY_ID, ROLE, MODELS, USER, REQUEST_ID)
+# when the request reached the gateway (Unix seconds): the record's time, so that the record's key (time,
+# request id) is the gateway's and a request recorded twice is stored once
+REQUEST_TS = "X-Llmfleet-Request-Ts"
+HEADERS = (KEY_ID, ROLE, MODELS, USER, REQUEST_ID, REQUEST_TS)
+# the gateway enforced the caller's limits: the agent does not apply its defaults again
+UNLIMITED = 2**31 - 1
+MAX_SKEW = 300.0
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _REQUEST_ID = re.compile(r"^[0-9a-f]{8,32}$")
-# a key's model pattern: a model name's characters and the glob's (keys.model_matches)
-_PATTERN = re.compile(r"^[A-Za-z0-9._:/*?\[\]-]{1,200}$")
+MAX_PATTERN = 200
 MAX_USER = 256
 MAX_PATTERNS = 64
 
@@ -51,7 +58,26 @@ def from_gateway(remote: str | None, sources: list[str]) -> bool:
         address = ipaddress.ip_address(remote)
     except ValueError:
         return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # an IPv4 gateway seen through a dual-stack socket
     return any(address in ipaddress.ip_network(source, strict=False) for source in sources)
+
+
+def request_stamp(request: web.Request) -> tuple[str | None, float | None]:
+    """The gateway's id and time of the request (GatewayRefusal when they are wrong)."""
+    request_id = request.headers.get(REQUEST_ID)
+    if request_id is not None and not _REQUEST_ID.match(request_id):
+        raise GatewayRefusal(400, f"{REQUEST_ID}: 8 to 32 lower-case hexadecimal digits")
+    raw = request.headers.get(REQUEST_TS)
+    if raw is None:
+        return request_id, None
+    try:
+        ts = float(raw)
+    except ValueError:
+        raise GatewayRefusal(400, f"{REQUEST_TS}: Unix seconds") from None
+    if not abs(ts - time.time()) <= MAX_SKEW:  # also refuses nan and inf
+        raise GatewayRefusal(400, f"{REQUEST_TS}: more than {MAX_SKEW:g} s from this host's clock")
+    return request_id, ts
 
 
 def acting_for(gateway_key: KeyRecord, request: web.Request, sources: list[str]) -> KeyRecord:
@@ -74,18 +100,19 @@ def acting_for(gateway_key: KeyRecord, request: web.Request, sources: list[str])
         role = Role(headers.get(ROLE, ""))
     except ValueError:
         raise GatewayRefusal(400, f"{ROLE}: one of user, operator, admin") from None
-    patterns = [p.strip() for p in headers.get(MODELS, "").split(",") if p.strip()]
-    if len(patterns) > MAX_PATTERNS:
-        raise GatewayRefusal(400, f"{MODELS}: at most {MAX_PATTERNS} patterns")
-    for pattern in patterns:
-        if not _PATTERN.match(pattern):
-            raise GatewayRefusal(400, f"{MODELS}: {pattern[:80]!r} is not a model pattern")
+    try:
+        patterns = json.loads(headers.get(MODELS) or "[]")
+    except ValueError:
+        patterns = None
+    if (
+        not isinstance(patterns, list)
+        or len(patterns) > MAX_PATTERNS
+        or not all(isinstance(p, str) and 0 < len(p) <= MAX_PATTERN for p in patterns)
+    ):
+        raise GatewayRefusal(400, f"{MODELS}: a JSON array of at most {MAX_PATTERNS} model patterns")
     user = headers.get(USER, "").strip() or None
     if user is not None and (len(user) > MAX_USER or not user.isprintable()):
         raise GatewayRefusal(400, f"{USER}: printable, at most {MAX_USER} characters")
-    request_id = headers.get(REQUEST_ID)
-    if request_id is not None and not _REQUEST_ID.match(request_id):
-        raise GatewayRefusal(400, f"{REQUEST_ID}: 8 to 32 lower-case hexadecimal digits")
     return replace(
         gateway_key,
         id=key_id,
@@ -94,6 +121,6 @@ def acting_for(gateway_key: KeyRecord, request: web.Request, sources: list[str])
         models=tuple(normalize_pattern(p) for p in patterns),
         owner=user,
         gateway=False,
-        max_concurrent=None,
-        rpm=None,
+        max_concurrent=UNLIMITED,
+        rpm=UNLIMITED,
     )

@@ -61,7 +61,7 @@ async def _fleet_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
     app[SESSION] = session
-    fleet = Fleet(gateway, session, key)
+    fleet = Fleet(gateway, key, context)
     await fleet.start()
     app[FLEET] = fleet
     app[UPSTREAM] = GatewayUpstream(fleet, key)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
+import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +24,8 @@ from ..models import InvalidName, parse_name
 
 log = logging.getLogger("llmfleet.gateway")
 POLL_TIMEOUT = 3.0
+# what an address tag may say: an IP address and a port, nothing else (no scheme, name or path)
+_ADDRESS = re.compile(r"^([0-9]{1,3}(\.[0-9]{1,3}){3}|\[[0-9A-Fa-f:.]+\]):[0-9]{1,5}$")
 LISTS_REFRESH = 600.0
 
 
@@ -71,9 +75,12 @@ class Host:
 
 
 class Fleet:
-    def __init__(self, cfg: GatewayConfig, session: aiohttp.ClientSession, key: str) -> None:
+    def __init__(self, cfg: GatewayConfig, key: str, tls: ssl.SSLContext) -> None:
         self.cfg = cfg
-        self._session = session
+        # polling has connections of its own: a pool full of long answers never starves it
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=32, ssl=tls), auto_decompress=True
+        )
         self._key = key
         self.hosts: dict[str, Host] = {}
         self.refreshed_at: float | None = None
@@ -89,6 +96,7 @@ class Fleet:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        await self._session.close()
 
     async def _loop(self) -> None:
         while True:
@@ -137,6 +145,8 @@ class Fleet:
                 for instance in reservation["Instances"]:
                     tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
                     address = tags.get(self.cfg.address_tag or "") if self.cfg.address_tag else None
+                    if address is not None and not _ADDRESS.match(address):
+                        address = None  # only an address and a port: never a URL of the tagger's choosing
                     if address is None:
                         ip = instance.get("PrivateIpAddress")
                         address = f"{ip}:{self.cfg.agent_port}" if ip else None
@@ -148,7 +158,9 @@ class Fleet:
     async def _get(self, host: Host, path: str, auth: bool) -> tuple[int, Any]:
         headers = {"Authorization": f"Bearer {self._key}"} if auth else {}
         timeout = aiohttp.ClientTimeout(total=POLL_TIMEOUT)
-        async with self._session.get(host.url + path, headers=headers, timeout=timeout) as answer:
+        async with self._session.get(
+            host.url + path, headers=headers, timeout=timeout, allow_redirects=False
+        ) as answer:
             return answer.status, await answer.json(content_type=None)
 
     async def _poll(self, host: Host) -> None:
@@ -176,7 +188,9 @@ class Fleet:
                 host.lists_at = time.monotonic()
         except Exception as exc:
             host.ready = False
-            host.reasons = [clip(f"not reachable: {exc!r}") or "not reachable"]
+            # an error's text may carry the request's headers: never the gateway's key
+            error = f"{type(exc).__name__}: {exc}".replace(self._key, "***")
+            host.reasons = [clip(f"not reachable: {error}") or "not reachable"]
             host.last_error = host.reasons[0]
         host.checked_at = time.time()
 

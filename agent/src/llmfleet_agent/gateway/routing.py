@@ -9,6 +9,7 @@ Its own routes: the fleet's model lists (the union of the ready hosts', cut to t
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -16,7 +17,7 @@ from aiohttp import web
 
 from ..access_control import public, request_key, requires
 from ..appkeys import METRICS
-from ..gateway_identity import KEY_ID, MODELS, REQUEST_ID, ROLE, USER
+from ..gateway_identity import KEY_ID, MODELS, REQUEST_ID, REQUEST_TS, ROLE, USER
 from ..keys import model_matches
 from ..metrics import CONTENT_TYPE
 from ..proxy.handler import Exchange, Refused
@@ -34,21 +35,28 @@ class GatewayUpstream:
         self._fleet = fleet
         self._key = key
 
-    def _target(self, host: Host, ex: Exchange) -> Target:
+    def _target(self, host: Host, ex: Exchange, tried: list[Host]) -> Target:
         headers = {
             "Authorization": f"Bearer {self._key}",
             KEY_ID: ex.key.id,
             ROLE: ex.key.role.value,
-            MODELS: ",".join(ex.key.models),
+            MODELS: json.dumps(list(ex.key.models)),
             REQUEST_ID: ex.request_id,
+            REQUEST_TS: repr(ex.ts),
         }
         if ex.user:
             headers[USER] = ex.user
+
+        def attempt() -> None:  # the host has one more of the gateway's requests until this one ends
+            host.routed += 1
+            tried.append(host)
+
         return Target(
             host.id,
             host.url,
             headers,
             records=True,
+            on_attempt=attempt,
             on_connected=lambda: self._fleet.connected(host),
             on_failed=lambda error: self._fleet.failed(host, error),
         )
@@ -61,12 +69,11 @@ class GatewayUpstream:
                 raise Refused(404, f"model {ex.model!r}: no host of the fleet has it", reason="no_host")
             what = f"has {ex.model!r}" if ex.model else "is ready"
             raise Refused(503, f"no host that {what} is ready; retry later", {"Retry-After": RETRY_AFTER})
-        for host in usable:
-            host.routed += 1
+        tried: list[Host] = []
         try:
-            return await send([self._target(h, ex) for h in usable])
+            return await send([self._target(h, ex, tried) for h in usable])
         finally:
-            for host in usable:
+            for host in tried:
                 host.routed -= 1
 
 

@@ -27,7 +27,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 
-from ..access_control import GATEWAY_REQUEST_ID, request_key, requires
+from ..access_control import GATEWAY_REQUEST_ID, GATEWAY_REQUEST_TS, request_key, requires
 from ..appkeys import (
     ACTIVITY,
     AUDIT,
@@ -124,6 +124,8 @@ class Exchange:
     recorded: bool = False
     user: str | None = None  # the person behind the request (frontend.py)
     target: Target | None = None  # where it was sent
+    # the target answered it as its own request (its X-Request-Id is ours): it wrote the record
+    recorded_upstream: bool = False
     budgeted: bool = False  # admitted by the person's budget: released when it ends
     body_size: int = 0
 
@@ -159,8 +161,10 @@ def make_handler(spec: RouteSpec) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
         key = request_key(request)
         ex = Exchange(spec, key, user=request_user(key, request.headers))
-        if GATEWAY_REQUEST_ID in request:  # forwarded by the gateway: its id for the request
+        if GATEWAY_REQUEST_ID in request:  # forwarded by the gateway: its id and time of the request
             ex.request_id = request[GATEWAY_REQUEST_ID]
+        if GATEWAY_REQUEST_TS in request:
+            ex.ts = request[GATEWAY_REQUEST_TS]
         return await proxy(request, ex)
 
     handler.__name__ = f"proxy {spec.method} {spec.path}"
@@ -443,6 +447,7 @@ async def _forward(
         headers = _upstream_headers(request)
         headers.update(target.headers)
         ex.target = target
+        target.attempt()
         try:
             upstream_cm = app[SESSION].request(
                 request.method,
@@ -454,6 +459,9 @@ async def _forward(
             )
             async with upstream_cm as upstream:
                 target.connected()
+                ex.recorded_upstream = (
+                    target.records and upstream.headers.get("X-Request-Id") == ex.request_id
+                )
                 if ex.spec.filter is not Filter.NONE and ex.key.models and upstream.status == 200:
                     return await _filtered(request, ex, upstream)
                 return await _stream(request, ex, upstream)
@@ -463,16 +471,26 @@ async def _forward(
             _uncancel()  # cut by the gate while Ollama had not answered yet
             raise Refused(503, f"{SHUTTING_DOWN}; retry on another host", reason="stopping") from None
         except aiohttp.ClientConnectorError as exc:  # nothing was sent: the next target may take it
+            # the only failure that counts against a host: a slow answer is no fault of the host's
             target.failed(str(exc.os_error))
             if index + 1 < len(targets):
                 continue
             retry = {"Retry-After": str(math.ceil(cfg.retry_after))}
-            tried = ", ".join(t.name for t in targets)
-            message = f"{tried} not reachable: {exc.os_error}" if len(targets) > 1 else None
-            message = message or f"{target.name} is not reachable: {exc.os_error}"
+            if target.records:  # hosts of the fleet: their names and addresses are the operators' (logs)
+                tried = [t.name for t in targets]
+                event(
+                    log,
+                    logging.WARNING,
+                    "no host took the request",
+                    request_id=ex.request_id,
+                    tried=tried,
+                    error=str(exc.os_error),
+                )
+                message = "no host with the model answered; retry later"
+            else:
+                message = f"{target.name} is not reachable: {exc.os_error}"
             raise Refused(503, message, retry, reason="unreachable") from None
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            target.failed(f"{type(exc).__name__}: {exc}")
             if ex.status:  # the answer had started: _stream recorded it
                 raise
             if ex.body_timed_out:
@@ -652,7 +670,7 @@ def _record(app: web.Application, ex: Exchange) -> None:
         return
     ex.recorded = True
     _estimate_missing_counts(ex)
-    if ex.target is not None and ex.target.records:  # a host of the fleet took it and records it itself
+    if ex.recorded_upstream:  # a host of the fleet answered it as its own request and recorded it
         _count(app, ex, recorded_model(ex.model) if ex.model else None)
         return
     now = time.perf_counter()

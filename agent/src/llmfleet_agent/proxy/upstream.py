@@ -16,11 +16,16 @@ class Target:
     name: str  # for messages: "ollama", or a host's id
     base_url: str
     headers: dict[str, str] = field(default_factory=dict)  # added to the forwarded request
-    # the target writes the request's usage record itself (an agent behind the gateway): this process
-    # records only what it answers on its own
+    # the target writes the usage record of a request it answers as its own (an agent behind the gateway:
+    # its answer carries our X-Request-Id); this process records every other outcome
     records: bool = False
+    on_attempt: Callable[[], None] | None = None
     on_connected: Callable[[], None] | None = None
     on_failed: Callable[[str], None] | None = None
+
+    def attempt(self) -> None:
+        if self.on_attempt is not None:
+            self.on_attempt()
 
     def connected(self) -> None:
         if self.on_connected is not None:
