@@ -95,13 +95,15 @@ class Setup:
         wait_until(lambda: http("GET", self.url + "/readyz")[0] == 200, 60, "the gateway's /readyz")
 
     def hosts(self) -> dict[str, dict[str, Any]]:
-        code, body, _ = http("GET", self.url + "/gateway/status", headers=bearer(self.fleet.operator_key))
+        code, body, _headers = http(
+            "GET", self.url + "/gateway/status", headers=bearer(self.fleet.operator_key)
+        )
         assert code == 200, body
         return {h["id"]: h for h in body["hosts"]}
 
     def chat(self, model: str) -> tuple[int, Any]:
         body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": False}
-        code, answer, _ = http("POST", self.url + "/api/chat", body, bearer(self.fleet.user_key))
+        code, answer, _headers = http("POST", self.url + "/api/chat", body, bearer(self.fleet.user_key))
         return code, answer
 
     def stop(self) -> None:
