@@ -182,7 +182,10 @@ def test_store_urls_that_are_accepted(url: str) -> None:
     assert parse_config({"store": {"url": url}}).store.url == url
 
 
-@pytest.mark.parametrize(("doc", "least"), [("agent.md", 2), ("directory.md", 1), ("budgets.md", 1)])
+@pytest.mark.parametrize(
+    ("doc", "least"),
+    [("agent.md", 2), ("directory.md", 1), ("budgets.md", 1), ("gateway.md", 1)],
+)
 def test_the_configuration_examples_in_the_docs_are_valid(doc: str, least: int) -> None:
     """Every YAML example of these docs is a configuration the agent accepts."""
     text = (Path(__file__).resolve().parents[2] / "docs" / doc).read_text()

@@ -400,10 +400,10 @@ class GatewayConfig(_Section):
     # an instance tag that gives its agent's address (host:port) instead of its private IP (the tests)
     address_tag: str | None = None
     # how often the hosts are discovered and asked whether they are ready and what they have
-    refresh_interval: Seconds = 5.0
-    # a host whose connections fail this many times in a row gets no traffic for eject_for seconds
+    refresh_interval: Interval = 5.0
+    # a host whose connections fail this many times in a row gets no traffic for eject_for
     eject_after: Annotated[int, Field(ge=1)] = 3
-    eject_for: Seconds = 30.0
+    eject_for: Interval = 30.0
 
     @model_validator(mode="after")
     def _some_hosts(self) -> GatewayConfig:
