@@ -71,7 +71,11 @@ class Gateway:
         self.config.write_text(yaml.safe_dump(deep_merge(config, extra or {})))
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = Proc([AGENT, "gateway", "--config", str(self.config)], directory / "gateway.log")
-        wait_until(lambda: http("GET", self.url + "/readyz")[0] == 200, 30, "the gateway's /readyz")
+        try:
+            wait_until(lambda: http("GET", self.url + "/readyz")[0] == 200, 30, "the gateway's /readyz")
+        except AssertionError:
+            self.proc.stop()
+            raise AssertionError(f"the gateway did not start:\n{self.proc.output()[-2000:]}") from None
 
     def status(self, key: str) -> dict[str, Any]:
         code, body, _ = http("GET", self.url + "/gateway/status", headers=bearer(key))
@@ -103,24 +107,26 @@ def fleet(
         "tiny": make_key(first, fleet_db, "tiny-only", "--role", "user", "--models", "tinyllama*")[0],
         "webui": make_key(first, fleet_db, "open-webui", "--role", "user", "--frontend")[0],
     }
-    for agent in agents.values():
-        agent.start()
-    for agent in agents.values():
-        agent.wait_ready(60)
-    # a budget the gateway holds (the agents have none: what stops the person is the gateway)
-    budgets = {
-        "budgets": {"users": {"kim@example.com": {"day": BUDGET}}, "refresh_interval": REFRESH},
-        # a non-streamed answer longer than this is a 504 (the next chunk waited for that long)
-        "proxy": {"read_timeout": 1.5},
-    }
-    gateway = Gateway(tmp_path / "gateway", fleet_db, agents, gateway_key, budgets)
-    try:
+    gateway: Gateway | None = None
+    try:  # whatever fails on the way, every process started is stopped
+        for agent in agents.values():
+            agent.start()
+        for agent in agents.values():
+            agent.wait_ready(60)
+        # a budget the gateway holds (the agents have none: what stops the person is the gateway)
+        budgets = {
+            "budgets": {"users": {"kim@example.com": {"day": BUDGET}}, "refresh_interval": REFRESH},
+            # a non-streamed answer longer than this is a 504 (the next chunk waited for that long)
+            "proxy": {"read_timeout": 1.5},
+        }
+        gateway = Gateway(tmp_path / "gateway", fleet_db, agents, gateway_key, budgets)
         wait_until(
             lambda: all(h["ready"] for h in gateway.status(keys["operator"])["hosts"]), 30, "every host ready"
         )
         yield gateway, agents, keys
     finally:
-        gateway.proc.stop()
+        if gateway is not None:
+            gateway.proc.stop()
         for agent in agents.values():
             if agent.proc is not None:
                 agent.proc.stop()
