@@ -233,7 +233,9 @@ async def _close_gate(app: web.Application) -> None:
     await app[GATE].close(app[CONFIG].listen.shutdown_timeout)
 
 
-def create_app(cfg: Config) -> web.Application:
+def base_app(cfg: Config) -> web.Application:
+    """What the agent and the gateway share: middlewares, limits, metrics, the store and its writers, keys,
+    and (when configured) directory logins and budgets."""
     app = web.Application(
         middlewares=[error_middleware, access_middleware],
         client_max_size=cfg.limits.max_body_bytes,
@@ -256,6 +258,11 @@ def create_app(cfg: Config) -> web.Application:
         add_routes(app, personal_routes)
     if cfg.budgets is not None:
         app.cleanup_ctx.append(_budgets_ctx)
+    return app
+
+
+def create_app(cfg: Config) -> web.Application:
+    app = base_app(cfg)
     app.cleanup_ctx.extend([_session_ctx, _probes_ctx, _supervisor_ctx])
     app.on_shutdown.append(_close_gate)
     add_routes(app, control_routes)

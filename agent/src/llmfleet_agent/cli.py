@@ -44,28 +44,25 @@ class CliError(Exception):
 
 
 # ----- serve / check-config ------------------------------------------------------------------------------
-def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
-    setup_logging(cfg.logging.level, cfg.logging.format)
+def _serve(cfg: Config, args: argparse.Namespace, what: str, app: web.Application, grace: float) -> int:
+    """Run `app` (the agent's or the gateway's) on cfg.listen until SIGTERM; `grace`: aiohttp's wait for
+    requests in flight at shutdown."""
     ctx = ssl_context(cfg)
     scheme = "https" if ctx else "http"
     event(
         log,
         logging.INFO,
-        f"llmfleet-agent {__version__} starting; will listen on {scheme}://{cfg.listen.host}:{cfg.listen.port}",
+        f"{what} {__version__} starting; will listen on {scheme}://{cfg.listen.host}:{cfg.listen.port}",
         config=str(args.config_path),
     )
-    _use_uvloop()
-    install_parser_errors()
     try:
         web.run_app(
-            create_app(cfg),
+            app,
             host=cfg.listen.host,
             port=cfg.listen.port,
             ssl_context=ctx,
             access_log_class=AccessLogger,
-            # the grace for requests in flight is the agent's own (app.py, _close_gate); aiohttp's wait
-            # after it is only a backstop
-            shutdown_timeout=SHUTDOWN_BACKSTOP,
+            shutdown_timeout=grace,
             # a client that goes away cancels its request, and so the generation upstream
             handler_cancellation=True,
             print=None,
@@ -78,42 +75,29 @@ def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
         if type(exc).__module__.startswith("asyncpg"):  # a wrong password, a database that does not exist
             raise CliError(f"store {_store_display(cfg)}: {exc}") from None
         raise
-    event(log, logging.INFO, "llmfleet-agent stopped")
+    event(log, logging.INFO, f"{what} stopped")
     return 0
+
+
+def _prepare(cfg: Config) -> None:
+    setup_logging(cfg.logging.level, cfg.logging.format)
+    _use_uvloop()
+    install_parser_errors()
+
+
+def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
+    _prepare(cfg)
+    # the grace for requests in flight is the agent's own (app.py, _close_gate); aiohttp's wait after it
+    # is only a backstop
+    return _serve(cfg, args, "llmfleet-agent", create_app(cfg), SHUTDOWN_BACKSTOP)
 
 
 def cmd_gateway(cfg: Config, args: argparse.Namespace) -> int:
     """The fleet's one endpoint (gateway/): the same checks as an agent, the fleet's hosts behind it."""
     from .gateway.app import create_gateway_app
 
-    setup_logging(cfg.logging.level, cfg.logging.format)
-    ctx = ssl_context(cfg)
-    scheme = "https" if ctx else "http"
-    event(
-        log,
-        logging.INFO,
-        f"llmfleet-agent gateway {__version__} starting; will listen on {scheme}://{cfg.listen.host}:{cfg.listen.port}",
-        config=str(args.config_path),
-    )
-    _use_uvloop()
-    install_parser_errors()
-    try:
-        web.run_app(
-            create_gateway_app(cfg),
-            host=cfg.listen.host,
-            port=cfg.listen.port,
-            ssl_context=ctx,
-            access_log_class=AccessLogger,
-            shutdown_timeout=cfg.listen.shutdown_timeout,
-            handler_cancellation=True,
-            print=None,
-        )
-    except StoreError as exc:
-        raise CliError(f"store {_store_display(cfg)}: {exc}") from None
-    except OSError as exc:
-        raise CliError(f"cannot listen on {cfg.listen.host}:{cfg.listen.port}: {exc.strerror}") from None
-    event(log, logging.INFO, "llmfleet-agent gateway stopped")
-    return 0
+    _prepare(cfg)
+    return _serve(cfg, args, "llmfleet-agent gateway", create_gateway_app(cfg), cfg.listen.shutdown_timeout)
 
 
 def _use_uvloop() -> None:

@@ -4,37 +4,17 @@ proxy/handler.py), with the fleet's hosts as the upstream instead of a local Oll
 from __future__ import annotations
 
 import ssl
-import time
 from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
 
-from ..access_control import access_middleware
-from ..activity import Activity
-from ..app import _budgets_ctx, _directory_ctx, _keys_ctx, _store_ctx
-from ..appkeys import (
-    ACTIVITY,
-    AUDIT,
-    CONFIG,
-    GATE,
-    HOST_ID,
-    KNOWN_MODELS,
-    LIMITER,
-    METRICS,
-    SESSION,
-    STARTED_AT,
-    UPSTREAM,
-    USAGE,
-)
+from ..app import base_app
+from ..appkeys import CONFIG, KNOWN_MODELS, SESSION, UPSTREAM
 from ..config import Config, ConfigError
 from ..credentials import CredentialError, read_credential
-from ..http_errors import add_routes, error_middleware
-from ..metrics import Metrics
-from ..personal_keys import routes as personal_routes
-from ..proxy.gate import Gate
+from ..http_errors import add_routes
 from ..proxy.handler import add_proxy_routes
-from ..proxy.limits import KeyLimiter
 from ..proxy.routes import ROUTES
 from .fleet import Fleet
 from .routing import FLEET, GatewayUpstream, routes
@@ -74,27 +54,7 @@ async def _fleet_ctx(app: web.Application) -> AsyncIterator[None]:
 def create_gateway_app(cfg: Config) -> web.Application:
     if cfg.gateway is None:
         raise ConfigError("gateway: the section is required to run the gateway")
-    app = web.Application(
-        middlewares=[error_middleware, access_middleware], client_max_size=cfg.limits.max_body_bytes
-    )
-    app[CONFIG] = cfg
-    app[HOST_ID] = cfg.resolved_host_id
-    app[STARTED_AT] = time.time()
-    app[ACTIVITY] = Activity()
-    app[LIMITER] = KeyLimiter(cfg.limits.max_concurrent_per_key, cfg.limits.requests_per_minute_per_key)
-    app[METRICS] = Metrics(
-        app[ACTIVITY],
-        lambda: None,
-        lambda: None,
-        lambda: [w for w in (app.get(USAGE), app.get(AUDIT)) if w is not None],
-    )
-    app[GATE] = Gate()
-    app.cleanup_ctx.extend([_store_ctx, _keys_ctx])
-    if cfg.auth.ldap is not None:
-        app.cleanup_ctx.append(_directory_ctx)
-        add_routes(app, personal_routes)
-    if cfg.budgets is not None:
-        app.cleanup_ctx.append(_budgets_ctx)
+    app = base_app(cfg)
     app.cleanup_ctx.append(_fleet_ctx)
     add_routes(app, routes)
     add_proxy_routes(app, tuple(s for s in ROUTES if (s.method, s.path) not in OWN_PATHS))

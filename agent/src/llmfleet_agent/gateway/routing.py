@@ -16,10 +16,9 @@ from typing import Any
 from aiohttp import web
 
 from ..access_control import public, request_key, requires
-from ..appkeys import METRICS
+from ..control import healthz, metrics
 from ..gateway_identity import KEY_ID, MODELS, REQUEST_ID, REQUEST_TS, ROLE, USER
 from ..keys import model_matches
-from ..metrics import CONTENT_TYPE
 from ..proxy.handler import Exchange, Refused
 from ..proxy.upstream import Forward, Target
 from ..roles import Role
@@ -118,16 +117,8 @@ async def gateway_status(request: web.Request) -> web.Response:
     )
 
 
-@routes.get("/metrics")
-@requires(Role.OPERATOR)
-async def metrics(request: web.Request) -> web.Response:
-    return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE})
-
-
-@routes.get("/healthz")
-@public
-async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+routes.get("/metrics")(metrics)  # the agent's own (operator)
+routes.get("/healthz")(healthz)  # the agent's own liveness answer
 
 
 @routes.get("/readyz")
