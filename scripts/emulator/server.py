@@ -35,6 +35,10 @@ Each fix makes the emulator do what AWS documents, so the roles carry no emulato
   at /llmfleet-emulator/capacity and /llmfleet-emulator/quotas), and the groupSet attribute of an instance
   whose groups were given on its network interface.
 
+- Application Load Balancers (scripts/emulator/load_balancers.py): DescribeLoadBalancerAttributes lists
+  every attribute with AWS's default from the start; moto listed five, and amazon.aws.elb_application_lb
+  failed on the missing idle timeout.
+
 - AWS Managed Microsoft AD's users and groups (scripts/emulator/directory_data.py): the Directory Service
   Data API (ds-data), Describe/EnableDirectoryDataAccess and ResetUserPassword, kept in memory, or made on
   a real Samba domain controller when LLMFLEET_EMULATOR_DIRECTORY_SAMBA names one (the directory's
@@ -52,6 +56,7 @@ from typing import Any
 
 import directory_data  # scripts/emulator/directory_data.py
 import launch as launching  # scripts/emulator/launch.py, beside this file
+import load_balancers  # scripts/emulator/load_balancers.py
 import rds_postgres  # scripts/emulator/rds_postgres.py
 from moto.ec2.exceptions import DependencyViolationError, EC2ClientError
 from moto.ec2.models import instances as ec2_instances
@@ -400,6 +405,7 @@ def apply() -> None:
     launching.apply()
     rds_postgres.apply()
     directory_data.apply()
+    load_balancers.apply()
     apply_spot()
     nat = ec2_nat_gateways.NatGatewayBackend
     nat.delete_nat_gateway = _delete_nat_gateway(nat.delete_nat_gateway)  # type: ignore[method-assign]

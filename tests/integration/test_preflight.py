@@ -33,6 +33,10 @@ def fails(playbook: str, **overrides: object) -> str:
             "network_agent_allowed_cidrs: everyone",
         ),
         ({"llmfleet_ssh_allowed_cidrs": ["300.1.2.3/32"]}, "network_ssh_allowed_cidrs: 300.1.2.3/32"),
+        (
+            {"llmfleet_gateway_allowed_cidrs": ["0.0.0.0/0", "office"]},
+            "network_gateway_allowed_cidrs: office",
+        ),
     ],
 )
 def test_network_preflight(overrides: dict[str, object], named: str) -> None:
@@ -73,3 +77,19 @@ def test_gpu_hosts_preflight_checks_each_hosts_instance_types() -> None:
         assert f"gpu_hosts_hosts[{index}]" in output
     assert "instance_type is required (g5.xlarge), or instance_types: EC2 types by preference" in output
     assert "gpu_hosts_hosts[2]" in output and "give instance_types or instance_type, not both" in output
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"llmfleet_gateway_count": 21}, "gateway_count=21: between 0"),
+        (
+            {"llmfleet_certificate_arn": "my-cert"},
+            "gateway_certificate_arn=my-cert: an ACM certificate's ARN",
+        ),
+        ({"llmfleet_gateway_count": 3}, "more than one gateway stand behind a load balancer"),
+        ({"llmfleet_gateway_port": 443}, "gateway_port=443: a port from 1024"),
+    ],
+)
+def test_gateway_preflight(overrides: dict[str, object], named: str) -> None:
+    assert named in " ".join(fails("playbooks/gateway.yml", **overrides).split())

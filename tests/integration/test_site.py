@@ -22,7 +22,7 @@ from urllib.parse import unquote
 
 import pytest
 import yaml
-from agent_fleet import bearer, free_port, http, wait_until
+from agent_fleet import bearer, free_port, http, https, wait_until
 from conftest import client_factory, running_emulator
 from playbook_runs import PlaybookRun, ansible_playbook
 from postgres import PostgresServer
@@ -47,6 +47,9 @@ class Deployment:
             *("-e", f"llmfleet_state_dir={state_dir}"),
             *("-e", f"llmfleet_agent_port={self.agent_port}"),
             *("-e", f"llmfleet_agent_ollama_port={free_port()}"),
+            *("-e", f"llmfleet_gateway_port={free_port()}"),
+            # the agent serves HTTPS with its own certificate, as on AWS, and the gateway verifies it
+            *("-e", "llmfleet_agent_tls=true"),
             # the shared store, on the server behind the emulator's RDS instance
             *("-e", "llmfleet_store=postgresql"),
             *("-e", f"llmfleet_database_port={database.port}"),
@@ -193,13 +196,17 @@ def test_subnets_span_two_zones_and_private_routes_go_through_the_nat(
 def test_security_groups_are_least_privilege(deployment: Deployment, aws: Any) -> None:
     groups = {g["GroupName"]: g for g in aws("ec2").describe_security_groups(Filters=[TAG])["SecurityGroups"]}
     agents, database = groups[f"{DEPLOYMENT}-agents"], groups[f"{DEPLOYMENT}-database"]
+    gateway = groups[f"{DEPLOYMENT}-gateway"]
     (rule,) = database["IpPermissions"]
     assert (rule["IpProtocol"], rule["FromPort"], rule["ToPort"]) == ("tcp", 5432, 5432)
-    assert [p["GroupId"] for p in rule["UserIdGroupPairs"]] == [agents["GroupId"]]
+    assert sorted(p["GroupId"] for p in rule["UserIdGroupPairs"]) == sorted(
+        [agents["GroupId"], gateway["GroupId"]]
+    )
     assert rule["IpRanges"] == []
     (agent_rule,) = agents["IpPermissions"]  # no SSH: no CIDR was given for it
     assert agent_rule["FromPort"] == agent_rule["ToPort"] == deployment.agent_port
     assert [r["CidrIp"] for r in agent_rule["IpRanges"]] == ["10.42.0.0/16"]
+    assert [p["GroupId"] for p in agent_rule["UserIdGroupPairs"]] == [gateway["GroupId"]]
     for group in groups.values():
         for permission in group["IpPermissions"]:
             assert all(r["CidrIp"] != "0.0.0.0/0" for r in permission["IpRanges"]), group["GroupName"]
@@ -245,7 +252,11 @@ def test_directory_is_active_with_two_dns_addresses(deployment: Deployment, aws:
 def test_gpu_instances_run_in_private_subnets_with_profile_and_tags(deployment: Deployment, aws: Any) -> None:
     ec2 = aws("ec2")
     reservations = ec2.describe_instances(
-        Filters=[TAG, {"Name": "instance-state-name", "Values": ["running"]}]
+        Filters=[
+            TAG,
+            {"Name": "tag:llmfleet:role", "Values": ["gpu-host"]},
+            {"Name": "instance-state-name", "Values": ["running"]},
+        ]
     )
     instances = [i for r in reservations["Reservations"] for i in r["Instances"]]
     assert len(instances) == 2
@@ -373,8 +384,17 @@ class InstalledAgent:
         self.config = host / "etc" / "llmfleet" / "agent.yaml"
         self.bin = host / "opt" / "llmfleet-agent" / "venv" / "bin" / "llmfleet-agent"
         self.keys = state_dir / "keys"
-        listen = yaml.safe_load(self.config.read_text())["listen"]
-        self.url = f"http://{listen['host']}:{listen['port']}"
+        config = yaml.safe_load(self.config.read_text())
+        listen = config["listen"]
+        # TLS as on AWS: the host's self-signed certificate, fetched to the controller by instance id
+        self.cafile = state_dir / "agent-certs" / f"{config['host_id']}.crt" if "tls" in listen else None
+        self.url = f"{'https' if self.cafile else 'http'}://{listen['host']}:{listen['port']}"
+
+    def call(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:
+        """(status, body) of a request to the installed agent, its certificate verified."""
+        if self.cafile is None:
+            return http(method, self.url + path, body, headers=headers)[:2]
+        return https(method, self.url + path, self.cafile, body, headers=headers)
 
     def key(self, name: str) -> str:
         return (self.keys / f"{name}.key").read_text().strip()
@@ -399,15 +419,13 @@ def test_host_stage_leaves_this_machine_ready_to_serve(deployment: Deployment, t
             assert agent.key(name) not in run.output, f"the key {name} appears in the output of {run.args}"
     proc = Proc([str(agent.bin), "serve", "--config", str(agent.config)], tmp_path / "agent.log")
     try:
-        wait_until(lambda: http("GET", agent.url + "/readyz")[0] == 200, 60, "the installed agent's /readyz")
-        code, body, _headers = http("GET", agent.url + "/api/tags", headers=bearer(agent.key("demo-user")))
+        wait_until(lambda: agent.call("GET", "/readyz")[0] == 200, 60, "the installed agent's /readyz")
+        code, body = agent.call("GET", "/api/tags", headers=bearer(agent.key("demo-user")))
         assert code == 200 and [m["name"] for m in body["models"]] == ["tinyllama:latest"], body
-        assert http("GET", agent.url + "/api/tags")[0] == 401
+        assert agent.call("GET", "/api/tags")[0] == 401
         # the record reaches the shared database, naming this host (its instance id)
         body = {"model": "tinyllama:latest", "prompt": "hi", "stream": False, "options": {"num_predict": 2}}
-        code, _answer, _headers = http(
-            "POST", agent.url + "/api/generate", body, headers=bearer(agent.key("demo-user"))
-        )
+        code, _answer = agent.call("POST", "/api/generate", body, headers=bearer(agent.key("demo-user")))
         assert code == 200
         query = "SELECT count(*) FROM usage WHERE route = '/api/generate' AND host LIKE 'i-%'"
         wait_until(
@@ -415,6 +433,80 @@ def test_host_stage_leaves_this_machine_ready_to_serve(deployment: Deployment, t
         )
     finally:
         proc.stop()
+
+
+class InstalledGateway:
+    """The gateway the host stage installed on the gateway instance this machine also plays."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.config_path = state_dir / "gateway" / "etc" / "llmfleet" / "agent.yaml"
+        self.bin = state_dir / "gateway" / "opt" / "llmfleet-agent" / "venv" / "bin" / "llmfleet-agent"
+        self.config = yaml.safe_load(self.config_path.read_text())
+        self.url = f"http://{self.config['listen']['host']}:{self.config['listen']['port']}"
+
+
+def test_the_gateway_stage_installs_the_gateway_and_it_serves_the_fleet(
+    deployment: Deployment, aws: Any, tmp_path: Path
+) -> None:
+    """site.yml made a gateway instance, installed `llmfleet-agent gateway` on it (here: this machine) with
+    the shared store and its own key as a root-only credential file, and told the agents to accept that key
+    from the gateway only; through it a caller's request reaches the agent and leaves one record, the
+    agent's, naming the GPU host."""
+    (instance,) = instances(
+        aws,
+        {"Name": "tag:llmfleet:role", "Values": ["gateway"]},
+        {"Name": "instance-state-name", "Values": ["running"]},
+    )
+    outputs = json.loads((deployment.state_dir / "outputs.json").read_text())
+    assert outputs["gateways"][0]["instance_id"] == instance["InstanceId"]
+    assert (
+        "endpoint" in deployment.runs[0].stdout
+        and "PLAY [Configure the gateways]" in deployment.runs[0].stdout
+    )
+    agent, gateway = InstalledAgent(deployment.state_dir), InstalledGateway(deployment.state_dir)
+    agent_config = yaml.safe_load(agent.config.read_text())
+    assert agent_config["auth"]["gateway_sources"] == ["127.0.0.1/32"]
+    assert gateway.config["host_id"] == instance["InstanceId"] and "ollama" not in gateway.config
+    # the fleet's shared store (the same server, database and role; each host has its own CA file's path)
+    assert gateway.config["store"]["url"].split("?")[0] == agent_config["store"]["url"].split("?")[0]
+    # the agents' certificates verify them (TLS on, as on AWS)
+    assert Path(gateway.config["gateway"]["agent_ca_file"]).read_text() == agent.cafile.read_text()
+    key_file = Path(gateway.config["gateway"]["key_file"])
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert key_file.read_text() == agent.key("gateway")
+    for run in deployment.runs:
+        assert agent.key("gateway") not in run.output
+    unit = (deployment.state_dir / "gateway/etc/systemd/system/llmfleet-agent.service").read_text()
+    assert f"llmfleet-agent gateway --config {gateway.config_path}" in unit
+    assert f"LoadCredential=gateway-key:{key_file}" in unit
+
+    agent_proc = Proc([str(agent.bin), "serve", "--config", str(agent.config)], tmp_path / "agent.log")
+    gateway_proc = Proc(
+        [str(gateway.bin), "gateway", "--config", str(gateway.config_path)], tmp_path / "gateway.log"
+    )
+    try:
+        user = bearer(agent.key("demo-user"))
+
+        def fleet_models() -> list[str]:
+            code, body, _headers = http("GET", gateway.url + "/api/tags", headers=user)
+            return [m["name"] for m in body["models"]] if code == 200 else []
+
+        wait_until(lambda: fleet_models() == ["tinyllama:latest"], 60, "the gateway's view of the fleet")
+        body = {"model": "tinyllama:latest", "prompt": "hi", "stream": False, "options": {"num_predict": 2}}
+        code, answer, headers = http("POST", gateway.url + "/api/generate", body, headers=user)
+        assert code == 200, answer
+        request_id = headers["X-Request-Id"]
+        query = f"SELECT host FROM usage WHERE request_id = '{request_id}'"
+        wait_until(
+            lambda: deployment.database.psql(query, "llmfleet") == agent_config["host_id"],
+            30,
+            "one usage record, the GPU host's",
+        )
+        # the gateway's key is no caller's: from the gateway it acts only for the caller it names
+        assert http("GET", gateway.url + "/api/tags", headers=bearer(agent.key("gateway")))[0] == 403
+    finally:
+        gateway_proc.stop()
+        agent_proc.stop()
 
 
 def secret(aws: Any, name: str) -> str:
@@ -449,7 +541,8 @@ def test_the_database_gets_an_owner_and_an_agent_role_through_the_host(deploymen
     )
     assert settings.splitlines() == ["audit_retention|90", "usage_retention|200"]
     names = db.psql("SELECT name FROM keys WHERE revoked IS NULL ORDER BY name", "llmfleet").splitlines()
-    assert names == ["demo-operator", "demo-user"]
+    # the declared keys and the gateways' own, written once for the fleet (not again by the gateway)
+    assert names == ["demo-operator", "demo-user", "gateway"]
 
 
 def test_the_host_keeps_only_the_agent_password_and_verifies_the_server(
@@ -511,14 +604,14 @@ def test_people_sign_in_against_the_directory_the_deployment_built(
     agent = InstalledAgent(deployment.state_dir)
     proc = Proc([str(agent.bin), "serve", "--config", str(agent.config)], tmp_path / "agent.log")
     try:
-        wait_until(lambda: http("GET", agent.url + "/readyz")[0] == 200, 60, "the installed agent's /readyz")
+        wait_until(lambda: agent.call("GET", "/readyz")[0] == 200, 60, "the installed agent's /readyz")
         frank = {"Authorization": "Basic " + base64.b64encode(b"frank:Frank-Pass-123").decode()}
-        code, minted, _headers = http("POST", agent.url + "/agent/keys", {"name": "laptop"}, headers=frank)
+        code, minted = agent.call("POST", "/agent/keys", {"name": "laptop"}, headers=frank)
         assert code == 201, minted
         assert minted["owner"] == "frank@corp.example.com" and minted["role"] == "operator"
-        assert http("GET", agent.url + "/api/tags", headers=bearer(minted["key"]))[0] == 200
+        assert agent.call("GET", "/api/tags", headers=bearer(minted["key"]))[0] == 200
         wrong = {"Authorization": "Basic " + base64.b64encode(b"frank:Wrong-Pass-1").decode()}
-        assert http("POST", agent.url + "/agent/keys", {}, headers=wrong)[0] == 401
+        assert agent.call("POST", "/agent/keys", {}, headers=wrong)[0] == 401
     finally:
         proc.stop()
 
@@ -685,6 +778,17 @@ def leftovers(aws: Any, before: dict[str, set[str]]) -> list[str]:
         f"key pair {k['KeyName']}"
         for k in ec2.describe_key_pairs()["KeyPairs"]
         if k["KeyName"].startswith(prefix)
+    ]
+    elb = aws("elbv2")
+    left += [
+        f"load balancer {b['LoadBalancerName']}"
+        for b in elb.describe_load_balancers()["LoadBalancers"]
+        if b["VpcId"] in vpcs or b["LoadBalancerName"].startswith(prefix)
+    ]
+    left += [
+        f"target group {g['TargetGroupName']}"
+        for g in elb.describe_target_groups()["TargetGroups"]
+        if g.get("VpcId") in vpcs or g["TargetGroupName"].startswith(prefix)
     ]
     iam = aws("iam")
     left += [

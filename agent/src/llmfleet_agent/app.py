@@ -50,6 +50,7 @@ from .config import DEFAULT_MAX_STALE, Config, ConfigError
 from .control import routes as control_routes
 from .credentials import CredentialError, read_credential
 from .directory import Directory
+from .forwarded import forwarded_middleware
 from .http_errors import add_routes, error_middleware
 from .login_throttle import LoginThrottle
 from .metrics import Metrics
@@ -236,8 +237,10 @@ async def _close_gate(app: web.Application) -> None:
 def base_app(cfg: Config) -> web.Application:
     """What the agent and the gateway share: middlewares, limits, metrics, the store and its writers, keys,
     and (when configured) directory logins and budgets."""
+    # behind a load balancer, first: every other middleware and handler sees the client's address
+    forwarded = [forwarded_middleware(cfg.listen.forwarded_by)] if cfg.listen.forwarded_by else []
     app = web.Application(
-        middlewares=[error_middleware, access_middleware],
+        middlewares=[*forwarded, error_middleware, access_middleware],
         client_max_size=cfg.limits.max_body_bytes,
     )
     app[CONFIG] = cfg

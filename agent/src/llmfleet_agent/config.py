@@ -111,6 +111,19 @@ class ListenConfig(_Section):
     tls: TLSConfig | None = None
     # on SIGTERM: how long requests in flight may take to finish before their answers are cut
     shutdown_timeout: Seconds = 30.0
+    # a load balancer's networks: a connection from these is handled as coming from the last address of its
+    # X-Forwarded-For (forwarded.py); empty: the header is ignored
+    forwarded_by: list[str] = []
+
+    @field_validator("forwarded_by")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(f"{network!r} is not an address or a network (10.42.0.0/16)") from None
+        return value
 
 
 class RestartConfig(_Section):

@@ -209,3 +209,35 @@ def test_ldaps_urls_give_each_controller_by_address() -> None:
     assert ldaps_urls([]) == []
     with pytest.raises(AnsibleFilterError, match="not a list of addresses"):
         ldaps_urls("10.42.128.10")
+
+
+def test_gateway_endpoint_is_the_load_balancer_else_the_first_running_gateway() -> None:
+    from ansible_collections.llmfleet.aws.plugins.filter.gateway import gateway_endpoint
+
+    gateways = [
+        {"name": "gateway-1", "private_ip": "10.42.128.7", "state": "stopped"},
+        {"name": "gateway-2", "private_ip": "10.42.144.9", "state": "running"},
+    ]
+    assert gateway_endpoint(gateways, "internal-acme-gw-1.us-east-1.elb.amazonaws.com") == (
+        "https://internal-acme-gw-1.us-east-1.elb.amazonaws.com"
+    )
+    assert gateway_endpoint(gateways, "", 9443) == "https://10.42.144.9:9443"
+    assert gateway_endpoint(gateways, "", 9443, False) == "http://10.42.144.9:9443"
+    assert gateway_endpoint([{"private_ip": "fd00::7", "state": "running"}]) == "https://[fd00::7]:8443"
+    assert gateway_endpoint([]) == ""
+    with pytest.raises(AnsibleFilterError, match="not a list of gateways"):
+        gateway_endpoint("10.42.128.7")
+    with pytest.raises(AnsibleFilterError, match="port 'x' is not a port"):
+        gateway_endpoint(gateways, "", "x")
+
+
+def test_gateways_have_a_load_balancer_when_several_or_certified() -> None:
+    from ansible_collections.llmfleet.aws.plugins.filter.gateway import gateway_load_balanced
+
+    arn = "arn:aws:acm:us-east-1:123456789012:certificate/abc"
+    assert gateway_load_balanced(1) is False
+    assert gateway_load_balanced("1", arn) is True
+    assert gateway_load_balanced(2) is True
+    assert gateway_load_balanced(0, arn) is False
+    with pytest.raises(AnsibleFilterError, match="'two' is not a number of gateways"):
+        gateway_load_balanced("two")
