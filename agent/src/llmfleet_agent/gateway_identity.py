@@ -11,6 +11,7 @@ the headers a gateway key acts as itself (its own role: the gateway's status and
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import re
@@ -54,6 +55,13 @@ class GatewayRefusal(Exception):
 def from_gateway(remote: str | None, sources: list[str]) -> bool:
     if not remote:
         return False
+    return _within(remote, tuple(sources))
+
+
+# the answer for each address a gateway key came from (a gateway has one or a few): parsing the address and
+# the networks cost more than the rest of the check
+@functools.lru_cache(maxsize=256)
+def _within(remote: str, sources: tuple[str, ...]) -> bool:
     try:
         address = ipaddress.ip_address(remote)
     except ValueError:
