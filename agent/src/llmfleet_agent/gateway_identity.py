@@ -102,14 +102,24 @@ def acting_for(gateway_key: KeyRecord, request: web.Request, sources: list[str])
     key_id = headers.get(KEY_ID)
     if key_id is None:
         return gateway_key
+    return _caller(gateway_key, key_id, headers.get(ROLE, ""), headers.get(MODELS), headers.get(USER, ""))
+
+
+# the caller's identity made from the headers, remembered per gateway key and header values: a caller's
+# requests repeat them. At most 256, each a few header values (under 8 KB each: aiohttp's field limit);
+# a refusal raises and is not remembered
+@functools.lru_cache(maxsize=256)
+def _caller(
+    gateway_key: KeyRecord, key_id: str, role_name: str, models: str | None, user_name: str
+) -> KeyRecord:
     if not _ID.match(key_id):
         raise GatewayRefusal(400, f"{KEY_ID}: not a key id")
     try:
-        role = Role(headers.get(ROLE, ""))
+        role = Role(role_name)
     except ValueError:
         raise GatewayRefusal(400, f"{ROLE}: one of user, operator, admin") from None
     try:
-        patterns = json.loads(headers.get(MODELS) or "[]")
+        patterns = json.loads(models or "[]")
     except ValueError:
         patterns = None
     if (
@@ -118,7 +128,7 @@ def acting_for(gateway_key: KeyRecord, request: web.Request, sources: list[str])
         or not all(isinstance(p, str) and 0 < len(p) <= MAX_PATTERN for p in patterns)
     ):
         raise GatewayRefusal(400, f"{MODELS}: a JSON array of at most {MAX_PATTERNS} model patterns")
-    user = headers.get(USER, "").strip() or None
+    user = user_name.strip() or None
     if user is not None and (len(user) > MAX_USER or not user.isprintable()):
         raise GatewayRefusal(400, f"{USER}: printable, at most {MAX_USER} characters")
     return replace(
