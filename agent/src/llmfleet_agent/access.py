@@ -10,13 +10,19 @@ from aiohttp.abc import AbstractAccessLogger
 from .logs import clip, event
 
 REQUEST_KEY_ID = "llmfleet_key_id"
+_log = logging.getLogger("llmfleet.access")
 
 
 class AccessLogger(AbstractAccessLogger):
+    @property
+    def enabled(self) -> bool:
+        """aiohttp does not call `log` when the access log's level is off."""
+        return _log.isEnabledFor(logging.INFO)
+
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         method, path = clip(request.method), clip(request.path)
         event(
-            logging.getLogger("llmfleet.access"),
+            _log,
             logging.INFO,
             f"{method} {path} {response.status}",
             method=method,

@@ -26,7 +26,7 @@ from aiohttp import web
 
 from .batching import BatchWriter
 from .failures import AuthFailures
-from .keys import KeyRecord, key_id_for
+from .keys import ID_LENGTH, KeyRecord, hash_secret
 from .logs import event
 from .roles import Role
 from .store import AuditRecord, Store
@@ -178,14 +178,15 @@ class KeyRing:
         secret = bearer_token(request)
         if secret is None:
             return self._fail(request, "missing credential: send Authorization: Bearer <key>", None)
-        key_id = key_id_for(secret)
+        digest = hash_secret(secret)
+        key_id = digest[:ID_LENGTH]  # key_id_for(secret), without hashing it twice
         record = self._keys.get(key_id)
         if record is None:
             looked_up = await self._look_up(request, key_id)
             if isinstance(looked_up, AuthFailure):
                 return looked_up
             record = looked_up
-        if record is None or not record.matches(secret):
+        if record is None or not record.matches_hash(digest):
             return self._fail(request, "invalid credential", None)
         refusal = record.refusal()
         stale = (

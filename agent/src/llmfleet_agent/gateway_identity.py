@@ -11,6 +11,7 @@ the headers a gateway key acts as itself (its own role: the gateway's status and
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import re
@@ -54,6 +55,13 @@ class GatewayRefusal(Exception):
 def from_gateway(remote: str | None, sources: list[str]) -> bool:
     if not remote:
         return False
+    return _within(remote, tuple(sources))
+
+
+# the answer for each address a gateway key came from (a gateway has one or a few): parsing the address and
+# the networks cost more than the rest of the check
+@functools.lru_cache(maxsize=256)
+def _within(remote: str, sources: tuple[str, ...]) -> bool:
     try:
         address = ipaddress.ip_address(remote)
     except ValueError:
@@ -94,14 +102,24 @@ def acting_for(gateway_key: KeyRecord, request: web.Request, sources: list[str])
     key_id = headers.get(KEY_ID)
     if key_id is None:
         return gateway_key
+    return _caller(gateway_key, key_id, headers.get(ROLE, ""), headers.get(MODELS), headers.get(USER, ""))
+
+
+# the caller's identity made from the headers, remembered per gateway key and header values: a caller's
+# requests repeat them. At most 256, each a few header values (under 8 KB each: aiohttp's field limit);
+# a refusal raises and is not remembered
+@functools.lru_cache(maxsize=256)
+def _caller(
+    gateway_key: KeyRecord, key_id: str, role_name: str, models: str | None, user_name: str
+) -> KeyRecord:
     if not _ID.match(key_id):
         raise GatewayRefusal(400, f"{KEY_ID}: not a key id")
     try:
-        role = Role(headers.get(ROLE, ""))
+        role = Role(role_name)
     except ValueError:
         raise GatewayRefusal(400, f"{ROLE}: one of user, operator, admin") from None
     try:
-        patterns = json.loads(headers.get(MODELS) or "[]")
+        patterns = json.loads(models or "[]")
     except ValueError:
         patterns = None
     if (
@@ -110,7 +128,7 @@ def acting_for(gateway_key: KeyRecord, request: web.Request, sources: list[str])
         or not all(isinstance(p, str) and 0 < len(p) <= MAX_PATTERN for p in patterns)
     ):
         raise GatewayRefusal(400, f"{MODELS}: a JSON array of at most {MAX_PATTERNS} model patterns")
-    user = headers.get(USER, "").strip() or None
+    user = user_name.strip() or None
     if user is not None and (len(user) > MAX_USER or not user.isprintable()):
         raise GatewayRefusal(400, f"{USER}: printable, at most {MAX_USER} characters")
     return replace(

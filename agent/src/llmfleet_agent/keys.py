@@ -132,7 +132,11 @@ class KeyRecord:
         )
 
     def matches(self, secret: str) -> bool:
-        return hmac.compare_digest(hash_secret(secret), self.hash.removeprefix(PERSONAL_HASH_PREFIX))
+        return self.matches_hash(hash_secret(secret))
+
+    def matches_hash(self, digest: str) -> bool:
+        """`digest`: hash_secret of the secret presented (computed once per request: its id is a prefix)."""
+        return hmac.compare_digest(digest, self.hash.removeprefix(PERSONAL_HASH_PREFIX))
 
     def refusal(self, now: float | None = None) -> str | None:
         """Why this key may not be used now, or None."""

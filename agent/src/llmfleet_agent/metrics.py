@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -18,6 +18,24 @@ disable_created_metrics()  # no `_created` series: they double the output and no
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+M = TypeVar("M", Counter, Histogram)
+
+
+class _Children(Generic[M]):
+    """A labelled metric's children, each kept once made: prometheus_client's `labels()` checks the values
+    and takes a lock on every call. Exactly as many as the metric's own children (its labels are few)."""
+
+    __slots__ = ("_made", "_metric")
+
+    def __init__(self, metric: M) -> None:
+        self._metric = metric
+        self._made: dict[tuple[str, ...], M] = {}
+
+    def __call__(self, *values: str) -> M:
+        child = self._made.get(values)
+        if child is None:
+            child = self._made[values] = self._metric.labels(*values)
+        return child
 
 
 class _LiveState(Collector):
@@ -177,6 +195,35 @@ class Metrics:
         )
         r.register(_LiveState(activity, supervisor, probes))
         r.register(_Records(writers))
+        self._requests = _Children(self.requests)
+        self._duration = _Children(self.duration)
+        self._ttfb = _Children(self.ttfb)
+        self._prompt_tokens = _Children(self.prompt_tokens)
+        self._completion_tokens = _Children(self.completion_tokens)
+        self._refusals = _Children(self.refusals)
+
+    def count_request(
+        self,
+        route: str,
+        model: str,
+        status: int,
+        duration: float,
+        ttfb: float | None,
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
+    ) -> None:
+        """One proxied request: its count, duration, time to first byte and tokens."""
+        self._requests(route, model, str(status)).inc()
+        self._duration(route).observe(duration)
+        if ttfb is not None:
+            self._ttfb(route).observe(ttfb)
+        if prompt_tokens:
+            self._prompt_tokens(model).inc(prompt_tokens)
+        if completion_tokens:
+            self._completion_tokens(model).inc(completion_tokens)
+
+    def count_refusal(self, reason: str) -> None:
+        self._refusals(reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

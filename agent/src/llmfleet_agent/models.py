@@ -7,6 +7,7 @@ blob: `sha256:<hex>` (or `sha256-<hex>`, as Ollama writes blob file names).
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -20,6 +21,8 @@ _DIGEST = re.compile(r"sha256[:-]([0-9a-f]{64})")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # what a record or a log keeps of a name that is not a valid one
 MAX_RECORDED_NAME = 200
+# names up to this long are parsed once and remembered (the same few names come with every request)
+_CACHED_NAME = 256
 
 
 class InvalidName(ValueError):
@@ -50,6 +53,15 @@ class ModelName:
 
 def parse_name(raw: str) -> ModelName:
     """Parse and normalise a model name; raises InvalidName."""
+    return _parse_cached(raw) if len(raw) <= _CACHED_NAME else _parse(raw)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_cached(raw: str) -> ModelName:
+    return _parse(raw)  # a refused name raises: it is not remembered
+
+
+def _parse(raw: str) -> ModelName:
     text = raw.strip()
     parts = text.split("/")
     if not text or len(parts) > 3:

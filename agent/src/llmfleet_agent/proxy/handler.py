@@ -401,7 +401,7 @@ async def _admit_and_forward(request: web.Request, ex: Exchange, body: bytes | N
 
 def _refuse(request: web.Request, ex: Exchange, refused: Refused) -> web.Response:
     ex.status, ex.error = refused.status, refused.message
-    request.app[METRICS].refusals.labels(refused.reason or str(refused.status)).inc()
+    request.app[METRICS].count_refusal(refused.reason or str(refused.status))
     response = json_error(refused.status, refused.message, {**refused.headers, "X-Request-Id": ex.request_id})
     if refused.close:
         response.force_close()
@@ -707,16 +707,11 @@ def _count(app: web.Application, ex: Exchange, model: str | None) -> None:
     """The request's metrics (and audit)."""
     duration = time.perf_counter() - ex.started
     ttfb = None if ex.ttfb is None else ex.ttfb - ex.started
-    metrics = app[METRICS]
     model_label = _model_label(app, model) if ex.status < 400 else "-"
-    metrics.requests.labels(ex.spec.path, model_label, str(ex.status)).inc()
-    metrics.duration.labels(ex.spec.path).observe(duration)
-    if ttfb is not None:
-        metrics.ttfb.labels(ex.spec.path).observe(ttfb)
-    if ex.counts.prompt_tokens:
-        metrics.prompt_tokens.labels(model_label).inc(ex.counts.prompt_tokens)
-    if ex.counts.completion_tokens:
-        metrics.completion_tokens.labels(model_label).inc(ex.counts.completion_tokens)
+    counts = ex.counts
+    app[METRICS].count_request(
+        ex.spec.path, model_label, ex.status, duration, ttfb, counts.prompt_tokens, counts.completion_tokens
+    )
     if ex.spec.audit:
         detail = {"model": model, "status": ex.status, "error": ex.error, "request_id": ex.request_id}
         app[AUDIT].add(AuditRecord(ex.spec.audit, ex.key.id, detail))
