@@ -188,6 +188,9 @@ def test_users_reach_the_load_balancer_and_gateways_and_only_gateways_reach_the_
     agents, database = found[f"{DEPLOYMENT}-agents"], found[f"{DEPLOYMENT}-database"]
     (https,) = lb["IpPermissions"]
     assert (https["FromPort"], [r["CidrIp"] for r in https["IpRanges"]]) == (443, [USERS])
+    (out,) = lb["IpPermissionsEgress"]  # not the default allow-all: the gateways' port, to their group
+    assert (out["IpProtocol"], out["FromPort"], out["IpRanges"]) == ("tcp", PORT, [])
+    assert [p["GroupId"] for p in out["UserIdGroupPairs"]] == [gateway["GroupId"]]
     (gateway_port,) = gateway["IpPermissions"]
     assert gateway_port["FromPort"] == PORT
     assert [p["GroupId"] for p in gateway_port["UserIdGroupPairs"]] == [lb["GroupId"]]
