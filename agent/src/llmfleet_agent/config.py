@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -96,6 +97,19 @@ def _duration_required(value: object) -> float:
 Interval = Annotated[float, Field(gt=0), BeforeValidator(_duration_required)]
 
 
+def _networks_required(value: list[str]) -> list[str]:
+    for network in value:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ValueError(f"{network!r} is not an address or a CIDR block (10.42.0.0/16)") from None
+    return value
+
+
+# addresses or CIDR blocks (auth.gateway_sources, listen.forwarded_by)
+Networks = Annotated[list[str], AfterValidator(_networks_required)]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -113,17 +127,7 @@ class ListenConfig(_Section):
     shutdown_timeout: Seconds = 30.0
     # a load balancer's networks: a connection from these is handled as coming from the last address of its
     # X-Forwarded-For (forwarded.py); empty: the header is ignored
-    forwarded_by: list[str] = []
-
-    @field_validator("forwarded_by")
-    @classmethod
-    def _networks(cls, value: list[str]) -> list[str]:
-        for network in value:
-            try:
-                ipaddress.ip_network(network, strict=False)
-            except ValueError:
-                raise ValueError(f"{network!r} is not an address or a network (10.42.0.0/16)") from None
-        return value
+    forwarded_by: Networks = []
 
 
 class RestartConfig(_Section):
@@ -298,17 +302,7 @@ class AuthConfig(_Section):
     ldap: LdapConfig | None = None
     # where the fleet's gateway calls from (addresses or CIDRs): a gateway key (keys create --gateway) is
     # accepted from these only, and acts for the caller it names (gateway_identity.py); empty: from nowhere
-    gateway_sources: list[str] = []
-
-    @field_validator("gateway_sources")
-    @classmethod
-    def _networks(cls, value: list[str]) -> list[str]:
-        for source in value:
-            try:
-                ipaddress.ip_network(source, strict=False)
-            except ValueError:
-                raise ValueError(f"{source!r} is not an address or a CIDR block") from None
-        return value
+    gateway_sources: Networks = []
 
 
 class StoreConfig(_Section):
