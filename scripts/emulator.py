@@ -6,7 +6,7 @@
     emulator.py status                 say whether it answers
     emulator.py reset                  empty it (POST /moto-api/reset)
 
-It loads AWS's managed IAM policies (the GPU hosts' role attaches AmazonSSMManagedInstanceCore),
+It loads AWS's managed IAM policies (the GPU hosts' role may attach CloudWatchAgentServerPolicy),
 replaces moto's AMI list with scripts/emulator/amis.json, whose Deep Learning AMIs match the production
 filter, and runs moto through scripts/emulator/server.py, which makes it answer like AWS where the
 playbooks depend on it. Tests import `start`/`stop` from here too.

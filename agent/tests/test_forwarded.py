@@ -4,7 +4,6 @@ client, not the load balancer; from anywhere else the header changes nothing."""
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import sqlite3
 from contextlib import closing
@@ -12,11 +11,12 @@ from contextlib import closing
 from conftest import AgentHandle
 from support import bearer, http
 
+from llmfleet_agent.addresses import parse_networks
 from llmfleet_agent.forwarded import client_address
 
 
 def test_the_client_is_the_last_forwarded_address_from_the_load_balancer_only() -> None:
-    lb = [ipaddress.ip_network("10.42.0.0/20")]
+    lb = parse_networks(["10.42.0.0/20"])
     assert client_address("10.42.3.4", "203.0.113.9", lb) == "203.0.113.9"
     # what the client wrote before the load balancer's own entry is not believed
     assert client_address("10.42.3.4", "127.0.0.1, 198.51.100.7", lb) == "198.51.100.7"

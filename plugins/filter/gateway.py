@@ -3,13 +3,15 @@
 """The gateways' rules: llmfleet.aws.gateway_load_balanced (whether the gateways stand behind a load
 balancer: the gateway role builds it, the network role then admits the users at the load balancer only) and
 llmfleet.aws.gateway_endpoint (the fleet's one endpoint: the gateway role's result, the summary and the last
-words of site.yml)."""
+words of site.yml), llmfleet.aws.gateway_lb_name (the name of the load balancer and its target group,
+whose rule is in module_utils/gateway_names.py: the gateway role names them with it)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from ansible.errors import AnsibleFilterError
+from ansible_collections.llmfleet.aws.plugins.module_utils.gateway_names import gateway_lb_name as lb_name
 
 
 def gateway_load_balanced(count: Any, certificate_arn: Any = "") -> bool:
@@ -22,6 +24,13 @@ def gateway_load_balanced(count: Any, certificate_arn: Any = "") -> bool:
     if not isinstance(certificate_arn, str):
         raise AnsibleFilterError(f"gateway_load_balanced: {certificate_arn!r} is not a certificate's ARN")
     return count > 1 or (count == 1 and bool(certificate_arn))
+
+
+def gateway_lb_name(deployment: Any) -> str:
+    try:
+        return lb_name(deployment)
+    except ValueError as exc:
+        raise AnsibleFilterError(str(exc)) from None
 
 
 def gateway_endpoint(gateways: Any, load_balancer_dns: str = "", port: int = 8443, tls: bool = True) -> str:
@@ -50,4 +59,8 @@ def gateway_endpoint(gateways: Any, load_balancer_dns: str = "", port: int = 844
 
 class FilterModule:
     def filters(self) -> dict[str, Any]:
-        return {"gateway_endpoint": gateway_endpoint, "gateway_load_balanced": gateway_load_balanced}
+        return {
+            "gateway_endpoint": gateway_endpoint,
+            "gateway_lb_name": gateway_lb_name,
+            "gateway_load_balanced": gateway_load_balanced,
+        }

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from emulators import running_emulator
+from iam_grants import SESSION_MANAGER, role_grants
 from playbook_runs import PlaybookRun, ansible_playbook
 
 pytestmark = pytest.mark.slow
@@ -149,12 +150,28 @@ def test_two_gateways_run_in_private_subnets_of_two_zones_with_their_own_role(
         assert instance["IamInstanceProfile"]["Arn"].endswith(f"/{DEPLOYMENT}-gateway")
         zones.add(instance["Placement"]["AvailabilityZone"])
     assert len(zones) == 2
-    iam = aws("iam")
-    policy = iam.get_role_policy(RoleName=f"{DEPLOYMENT}-gateway", PolicyName="llmfleet-gateway")
-    (statement,) = policy["PolicyDocument"]["Statement"]
-    assert statement["Action"] == ["ec2:DescribeInstances"]
-    attached = iam.list_attached_role_policies(RoleName=f"{DEPLOYMENT}-gateway")["AttachedPolicies"]
-    assert [p["PolicyName"] for p in attached] == ["AmazonSSMManagedInstanceCore"]
+    # Session Manager, finding the GPU hosts and starting this deployment's (wake on request), nothing else:
+    # no managed policy (SSM's core one reads every parameter of the account), no stop, no other instance
+    account = aws("sts").get_caller_identity()["Account"]
+    find = {"Sid": "FindGpuHosts", "Effect": "Allow", "Action": ["ec2:DescribeInstances"], "Resource": "*"}
+    start = {
+        "Sid": "StartGpuHosts",
+        "Effect": "Allow",
+        "Action": ["ec2:StartInstances"],
+        "Resource": f"arn:aws:ec2:*:{account}:instance/*",
+        "Condition": {
+            "StringEquals": {
+                "aws:ResourceTag/llmfleet:deployment": DEPLOYMENT,
+                "aws:ResourceTag/llmfleet:role": "gpu-host",
+            }
+        },
+    }
+    assert role_grants(aws, f"{DEPLOYMENT}-gateway") == {
+        "managed": [],
+        "inline": {
+            "llmfleet-gateway": {"Version": "2012-10-17", "Statement": [SESSION_MANAGER, find, start]}
+        },
+    }
 
 
 def test_the_load_balancer_listens_on_https_with_the_certificate_and_checks_readyz(

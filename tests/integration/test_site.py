@@ -18,12 +18,12 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
 
 import pytest
 import yaml
 from agent_fleet import bearer, free_port, http, https, wait_until
 from conftest import client_factory, running_emulator
+from iam_grants import SESSION_MANAGER, SESSION_MANAGER_ONLY, role_grants
 from playbook_runs import PlaybookRun, ansible_playbook
 from postgres import PostgresServer
 from samba import SambaDC
@@ -277,24 +277,15 @@ def test_gpu_instances_run_in_private_subnets_with_profile_and_tags(deployment: 
     assert models == ["llama3.1:8b", "mistral:7b,nomic-embed-text"]
 
 
-SSM_CORE = "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"
 CLOUDWATCH_AGENT = "arn:aws:iam::aws:policy/CloudWatchAgentServerPolicy"
-
-
-def host_role_grants(aws: Any) -> dict[str, Any]:
-    """What the GPU hosts' instance role grants, read back from IAM: managed and inline policies."""
-    iam, role = aws("iam"), f"{DEPLOYMENT}-gpu-host"
-    attached = iam.list_attached_role_policies(RoleName=role)["AttachedPolicies"]
-    inline = {}
-    for name in iam.list_role_policies(RoleName=role)["PolicyNames"]:
-        document = iam.get_role_policy(RoleName=role, PolicyName=name)["PolicyDocument"]
-        inline[name] = json.loads(unquote(document)) if isinstance(document, str) else document
-    return {"managed": sorted(p["PolicyArn"] for p in attached), "inline": inline}
 
 
 def test_gpu_hosts_role_grants_session_manager_and_nothing_else(deployment: Deployment, aws: Any) -> None:
     """The hosts read no secret and no parameter, and run no CloudWatch agent: Session Manager only."""
-    assert host_role_grants(aws) == {"managed": [SSM_CORE], "inline": {}}
+    assert role_grants(aws, f"{DEPLOYMENT}-gpu-host") == {
+        "managed": [],
+        "inline": {"llmfleet-gpu-host": SESSION_MANAGER_ONLY},
+    }
     (profile,) = [
         p
         for p in aws("iam").list_instance_profiles()["InstanceProfiles"]
@@ -305,6 +296,13 @@ def test_gpu_hosts_role_grants_session_manager_and_nothing_else(deployment: Depl
 
 def test_a_secret_the_hosts_read_is_granted_by_one_list_entry(deployment: Deployment, aws: Any) -> None:
     account = aws("sts").get_caller_identity()["Account"]
+    role = f"{DEPLOYMENT}-gpu-host"
+    # what a version before 0.2 granted: Session Manager as the managed policy, the reads in another policy
+    iam = aws("iam")
+    old_core = "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"
+    iam.attach_role_policy(RoleName=role, PolicyArn=old_core)
+    old_policy = json.dumps(SESSION_MANAGER_ONLY)
+    iam.put_role_policy(RoleName=role, PolicyName="llmfleet-deployment-config", PolicyDocument=old_policy)
     grants = {
         "llmfleet_gpu_readable_secrets": ["database-gpu-host"],
         "llmfleet_gpu_readable_parameters": ["agent/log-level"],
@@ -312,12 +310,13 @@ def test_a_secret_the_hosts_read_is_granted_by_one_list_entry(deployment: Deploy
     }
     run = deployment.play("playbooks/gpu_hosts.yml", "-e", json.dumps(grants))
     assert run.returncode == 0, run.output[-5000:]
-    assert host_role_grants(aws) == {
-        "managed": sorted([SSM_CORE, CLOUDWATCH_AGENT]),
+    assert role_grants(aws, role) == {
+        "managed": [CLOUDWATCH_AGENT],
         "inline": {
-            "llmfleet-deployment-config": {
+            "llmfleet-gpu-host": {
                 "Version": "2012-10-17",
                 "Statement": [
+                    SESSION_MANAGER,
                     {
                         "Sid": "ReadOwnSecrets",
                         "Effect": "Allow",
@@ -342,7 +341,7 @@ def test_a_secret_the_hosts_read_is_granted_by_one_list_entry(deployment: Deploy
     # back to the deployment's own description: the grants go again
     back = deployment.play("playbooks/gpu_hosts.yml")
     assert back.returncode == 0, back.output[-5000:]
-    assert host_role_grants(aws) == {"managed": [SSM_CORE], "inline": {}}
+    assert role_grants(aws, role) == {"managed": [], "inline": {"llmfleet-gpu-host": SESSION_MANAGER_ONLY}}
 
 
 def test_passwords_are_in_secrets_manager_and_never_in_the_output(deployment: Deployment, aws: Any) -> None:

@@ -11,41 +11,28 @@ configured (the default), nothing is installed.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from .addresses import Network, parse_address, parse_networks, within
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-def _address(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    if not text:
-        return None
-    try:
-        address = ipaddress.ip_address(text.strip())
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped  # an IPv4 peer seen through a dual-stack socket
-    return address
-
-
-def client_address(peer: str | None, forwarded_for: str | None, proxies: list[Network]) -> str | None:
+def client_address(peer: str | None, forwarded_for: str | None, proxies: tuple[Network, ...]) -> str | None:
     """The client's address: the last X-Forwarded-For entry when `peer` is one of `proxies` and that entry
     is an address; otherwise the peer."""
-    address = _address(peer)
-    if forwarded_for is None or address is None or not any(address in net for net in proxies):
+    if forwarded_for is None or not within(parse_address(peer), proxies):
         return peer
-    forwarded = _address(forwarded_for.rsplit(",", 1)[-1])
+    forwarded = parse_address(forwarded_for.rsplit(",", 1)[-1])
     return str(forwarded) if forwarded is not None else peer
 
 
 def forwarded_middleware(
     networks: list[str],
 ) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
-    proxies: list[Network] = [ipaddress.ip_network(n, strict=False) for n in networks]
+    proxies = parse_networks(networks)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -12,7 +12,6 @@ the headers a gateway key acts as itself (its own role: the gateway's status and
 from __future__ import annotations
 
 import functools
-import ipaddress
 import json
 import re
 import time
@@ -20,6 +19,7 @@ from dataclasses import replace
 
 from aiohttp import web
 
+from .addresses import parse_address, parse_networks, within
 from .keys import KeyRecord, normalize_pattern
 from .roles import Role
 
@@ -62,13 +62,7 @@ def from_gateway(remote: str | None, sources: list[str]) -> bool:
 # the networks cost more than the rest of the check
 @functools.lru_cache(maxsize=256)
 def _within(remote: str, sources: tuple[str, ...]) -> bool:
-    try:
-        address = ipaddress.ip_address(remote)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped  # an IPv4 gateway seen through a dual-stack socket
-    return any(address in ipaddress.ip_network(source, strict=False) for source in sources)
+    return within(parse_address(remote), parse_networks(sources))
 
 
 def request_stamp(request: web.Request) -> tuple[str | None, float | None]:

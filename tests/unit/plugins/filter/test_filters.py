@@ -241,3 +241,36 @@ def test_gateways_have_a_load_balancer_when_several_or_certified() -> None:
     assert gateway_load_balanced(0, arn) is False
     with pytest.raises(AnsibleFilterError, match="'two' is not a number of gateways"):
         gateway_load_balanced("two")
+
+
+def test_gateway_lb_name_fits_aws_limit_without_a_trailing_dash() -> None:
+    from ansible_collections.llmfleet.aws.plugins.filter.gateway import gateway_lb_name
+
+    assert gateway_lb_name("acme") == "acme-gw"
+    assert gateway_lb_name("a" * 32) == "a" * 29 + "-gw"
+    # cut right after a dash: AWS refuses a name with two dashes or ending in one
+    assert gateway_lb_name("abcdefghijklmnopqrstuvwxyz12-45") == "abcdefghijklmnopqrstuvwxyz12-gw"
+    assert len(gateway_lb_name("b" * 32)) == 32
+    with pytest.raises(AnsibleFilterError, match="gateway_lb_name: 7 is not a deployment name"):
+        gateway_lb_name(7)
+
+
+def test_instance_role_policy_puts_session_manager_first_and_nothing_else() -> None:
+    from ansible_collections.llmfleet.aws.plugins.filter.iam import instance_role_policy
+
+    own = {"Sid": "FindGpuHosts", "Effect": "Allow", "Action": ["ec2:DescribeInstances"], "Resource": "*"}
+    policy = instance_role_policy([own])
+    assert policy["Version"] == "2012-10-17"
+    session_manager, found = policy["Statement"]
+    assert found == own
+    assert session_manager["Sid"] == "SessionManager"
+    # the five actions AWS documents for Session Manager: no ssm:GetParameter (the managed core policy's)
+    actions = session_manager["Action"]
+    assert all(a.startswith(("ssmmessages:", "ssm:UpdateInstanceInformation")) for a in actions)
+    assert instance_role_policy([])["Statement"] == [session_manager]
+    with pytest.raises(AnsibleFilterError, match="needs its own Sid"):
+        instance_role_policy([{"Sid": "SessionManager"}])
+    with pytest.raises(AnsibleFilterError, match="needs its own Sid"):
+        instance_role_policy([{"Effect": "Allow"}])
+    with pytest.raises(AnsibleFilterError, match="is not a list of statements"):
+        instance_role_policy("ec2:*")
