@@ -246,22 +246,30 @@ def _state(name: str) -> dict[str, Any]:
         return {service: dict(values) for service, values in _quotas.items()}
 
 
+# the controls of the other modules (name -> (its state, its setter)), which their apply() registers
+CONTROLS: dict[str, tuple[Callable[[], Any], Callable[[Any], None]]] = {}
+
+
 def control(environ: dict[str, Any], start_response: Any) -> Any:
     """The WSGI answer to /llmfleet-emulator/<name>."""
     request = Request(environ)
     name = request.path[len(PREFIX) :].strip("/")
-    setters = {"capacity": _set_capacity, "quotas": _set_quotas}
-    if name not in setters:
+    controls = {
+        "capacity": (lambda: _state("capacity"), _set_capacity),
+        "quotas": (lambda: _state("quotas"), _set_quotas),
+        **CONTROLS,
+    }
+    if name not in controls:
         response = Response(json.dumps({"error": f"no control {name!r}"}), 404, mimetype="application/json")
     elif request.method == "GET":
-        response = Response(json.dumps(_state(name)), 200, mimetype="application/json")
+        response = Response(json.dumps(controls[name][0]()), 200, mimetype="application/json")
     elif request.method == "POST":
         try:
-            setters[name](json.loads(request.get_data(as_text=True) or "null"))
+            controls[name][1](json.loads(request.get_data(as_text=True) or "null"))
         except ValueError as exc:  # json.JSONDecodeError is one
             response = Response(json.dumps({"error": str(exc)}), 400, mimetype="application/json")
         else:
-            response = Response(json.dumps(_state(name)), 200, mimetype="application/json")
+            response = Response(json.dumps(controls[name][0]()), 200, mimetype="application/json")
     else:
         response = Response(json.dumps({"error": "GET or POST"}), 405, mimetype="application/json")
     return response(environ, start_response)

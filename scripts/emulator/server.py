@@ -39,6 +39,12 @@ Each fix makes the emulator do what AWS documents, so the roles carry no emulato
   every attribute with AWS's default from the start; moto listed five, and amazon.aws.elb_application_lb
   failed on the missing idle timeout.
 
+- GPU instances that run real processes (scripts/emulator/fleet.py): an instance registered at
+  /llmfleet-emulator/fleet runs its command (an agent and its simulator) while it is running, after a boot
+  delay; it is pending for a while after StartInstances and stopping until its command has exited after
+  StopInstances (a start then is IncorrectInstanceState, as on AWS); its time in running is kept, as AWS
+  bills it.
+
 - AWS Managed Microsoft AD's users and groups (scripts/emulator/directory_data.py): the Directory Service
   Data API (ds-data), Describe/EnableDirectoryDataAccess and ResetUserPassword, kept in memory, or made on
   a real Samba domain controller when LLMFLEET_EMULATOR_DIRECTORY_SAMBA names one (the directory's
@@ -55,6 +61,7 @@ import threading
 from typing import Any
 
 import directory_data  # scripts/emulator/directory_data.py
+import fleet  # scripts/emulator/fleet.py
 import launch as launching  # scripts/emulator/launch.py, beside this file
 import load_balancers  # scripts/emulator/load_balancers.py
 import rds_postgres  # scripts/emulator/rds_postgres.py
@@ -425,6 +432,7 @@ def apply_spot() -> None:
     request = ec2_spot.SpotInstanceRequest
     request.get_filter_value = _spot_filter_value(request.get_filter_value)  # type: ignore[method-assign]
     ec2_subnets.SubnetBackend.delete_subnet = _delete_subnet(ec2_subnets.SubnetBackend.delete_subnet)  # type: ignore[method-assign]
+    fleet.apply()  # after the spot requests' wrappers: a registered instance's state is the last word
 
 
 if __name__ == "__main__":

@@ -5,24 +5,20 @@ its agent still answers."""
 
 from __future__ import annotations
 
-import os
 import secrets
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from agent_fleet import AGENT, Fleet, bearer, free_port, http, wait_until
+from agent_fleet import Fleet, wait_until
 from conftest import client_factory
+from emulated_fleet import ADDRESS_TAG, Gateway
 from emulators import running_emulator
-from support import Proc
 
 pytestmark = pytest.mark.slow
 
 DEPLOYMENT = "gwtest"
-ADDRESS_TAG = "llmfleet:agent-address"
 MODELS = {"gpu-a": ["tinyllama:latest"], "gpu-b": ["qwen2:0.5b"]}
 
 
@@ -40,6 +36,13 @@ class Setup:
             )  # fmt: skip
             assert made.returncode == 0, made.stderr
         self.fleet.start()
+        try:
+            self._launch(tmp, endpoint)
+        except BaseException:
+            self.fleet.stop()  # nothing left running when the setup fails on the way
+            raise
+
+    def _launch(self, tmp: Path, endpoint: str) -> None:
         ec2 = client_factory(endpoint)("ec2")
         image = ec2.describe_images()["Images"][0]["ImageId"]
         self.instances: dict[str, str] = {}
@@ -61,53 +64,22 @@ class Setup:
             )
             self.instances[name] = made["Instances"][0]["InstanceId"]
         self.ec2 = ec2
-        # the gateway: its own store with the callers' key, EC2 discovery on the emulator
-        home = tmp / "gateway"
-        home.mkdir()
-        (home / "gateway-key").write_text(self.gateway_key)
-        (home / "gateway-key").chmod(0o600)
-        self.url = f"http://127.0.0.1:{free_port()}"
-        config = {
-            "listen": {"host": "127.0.0.1", "port": int(self.url.rsplit(":", 1)[1])},
-            "store": {"url": f"sqlite:///{home}/gateway.db"},
-            "host_id": "gateway-1",
-            "gateway": {
-                "key_file": str(home / "gateway-key"),
-                "deployment": DEPLOYMENT,
-                "region": "us-east-1",
-                "endpoint_url": endpoint,
-                "agent_scheme": "http",
-                "address_tag": ADDRESS_TAG,
-                "refresh_interval": 0.5,
-            },
-        }
-        self.config = home / "gateway.yaml"
-        self.config.write_text(yaml.safe_dump(config))
-        for role in ("user", "operator"):
-            argv = [AGENT, "keys", "create", "--config", str(self.config), "--name", role, "--role", role]
-            secret = getattr(self.fleet, f"{role}_key")
-            made = subprocess.run(
-                [*argv, "--from-stdin"], input=secret, capture_output=True, text=True, timeout=60, check=False
-            )
-            assert made.returncode == 0, made.stderr
-        env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
-        self.proc = Proc([AGENT, "gateway", "--config", str(self.config)], home / "gateway.log", env=env)
-        wait_until(lambda: http("GET", self.url + "/readyz")[0] == 200, 60, "the gateway's /readyz")
+        # the gateway: its own store with the callers' key, EC2 discovery on the emulator; the stopped host
+        # must stay stopped here: routing alone is tested (test_gateway_wake.py wakes them)
+        self.gateway = Gateway(
+            endpoint, DEPLOYMENT, self.gateway_key, self.fleet, tmp / "gateway", {"wake": {"enabled": False}}
+        )
+        self.url = self.gateway.url
 
     def hosts(self) -> dict[str, dict[str, Any]]:
-        code, body, _headers = http(
-            "GET", self.url + "/gateway/status", headers=bearer(self.fleet.operator_key)
-        )
-        assert code == 200, body
-        return {h["id"]: h for h in body["hosts"]}
+        return self.gateway.hosts()
 
     def chat(self, model: str) -> tuple[int, Any]:
-        body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": False}
-        code, answer, _headers = http("POST", self.url + "/api/chat", body, bearer(self.fleet.user_key))
+        code, answer, _headers = self.gateway.chat(model)
         return code, answer
 
     def stop(self) -> None:
-        self.proc.stop()
+        self.gateway.stop()
         self.fleet.stop()
 
 

@@ -6,7 +6,6 @@ or a bad value raises `ConfigError` with a message that names the key (for examp
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import os
 import re
@@ -26,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from .addresses import parse_networks
 from .loopback import is_loopback
 
 CONFIG_ENV = "LLMFLEET_CONFIG"
@@ -98,11 +98,7 @@ Interval = Annotated[float, Field(gt=0), BeforeValidator(_duration_required)]
 
 
 def _networks_required(value: list[str]) -> list[str]:
-    for network in value:
-        try:
-            ipaddress.ip_network(network, strict=False)
-        except ValueError:
-            raise ValueError(f"{network!r} is not an address or a CIDR block (10.42.0.0/16)") from None
+    parse_networks(value)  # ValueError naming the one that is not
     return value
 
 
@@ -389,6 +385,20 @@ class GatewayHost(_Section):
     url: Annotated[str, Field(pattern=r"^https?://[^/\s]+$")]
 
 
+class WakeConfig(_Section):
+    """Wake on request (gateway/wake.py): a request for a model that no running host serves starts a stopped
+    host that serves it and waits for it."""
+
+    # EC2 discovery only (a fixed host list has no instances to start)
+    enabled: bool = True
+    # requests held per model while its host starts; one more is answered 503 with Retry-After
+    queue: Annotated[int, Field(ge=1, le=100_000)] = 100
+    # how long a request waits for a starting host (EC2's start, the boot, the model's load): then 503
+    timeout: Interval = 600.0
+    # how often a starting host is looked at
+    poll_interval: Interval = 1.0
+
+
 class GatewayConfig(_Section):
     """`llmfleet-agent gateway`: the fleet's one endpoint (gateway/)."""
 
@@ -411,6 +421,7 @@ class GatewayConfig(_Section):
     # a host whose connections fail this many times in a row gets no traffic for eject_for
     eject_after: Annotated[int, Field(ge=1)] = 3
     eject_for: Interval = 30.0
+    wake: WakeConfig = WakeConfig()
 
     @model_validator(mode="after")
     def _some_hosts(self) -> GatewayConfig:

@@ -17,7 +17,8 @@ from ..http_errors import add_routes
 from ..proxy.handler import add_proxy_routes
 from ..proxy.routes import ROUTES
 from .fleet import Fleet
-from .routing import FLEET, GatewayUpstream, routes
+from .routing import FLEET, WAKER, GatewayUpstream, routes
+from .wake import Waker
 
 # the fleet's model lists are the gateway's own (the union of the hosts'); every other route is forwarded
 OWN_PATHS = {("GET", "/api/tags"), ("GET", "/v1/models")}
@@ -44,9 +45,15 @@ async def _fleet_ctx(app: web.Application) -> AsyncIterator[None]:
     fleet = Fleet(gateway, key, context)
     await fleet.start()
     app[FLEET] = fleet
-    app[UPSTREAM] = GatewayUpstream(fleet, key)
+    # waking needs instances to start: EC2 discovery, not a fixed list
+    waker = Waker(fleet, gateway.wake) if gateway.wake.enabled and not gateway.hosts else None
+    if waker is not None:
+        app[WAKER] = waker
+    app[UPSTREAM] = GatewayUpstream(fleet, key, waker)
     app[KNOWN_MODELS] = lambda: {m for h in fleet.hosts.values() for m in h.models}
     yield
+    if waker is not None:
+        await waker.stop()
     await fleet.stop()
     await session.close()
 

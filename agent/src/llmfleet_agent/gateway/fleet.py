@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -21,11 +20,10 @@ import aiohttp
 from ..config import GatewayConfig
 from ..logs import clip, event
 from ..models import InvalidName, parse_name
+from .ec2 import Ec2, Instance
 
 log = logging.getLogger("llmfleet.gateway")
 POLL_TIMEOUT = 3.0
-# what an address tag may say: an IP address and a port, nothing else (no scheme, name or path)
-_ADDRESS = re.compile(r"^([0-9]{1,3}(\.[0-9]{1,3}){3}|\[[0-9A-Fa-f:.]+\]):[0-9]{1,5}$")
 LISTS_REFRESH = 600.0
 
 
@@ -45,6 +43,8 @@ class Host:
     ready: bool = False
     reasons: list[str] = field(default_factory=list)
     models: set[str] = field(default_factory=set)  # model_key of each model present
+    declared: set[str] = field(default_factory=set)  # model_key of each model its tag names (when stopped)
+    reason: str = ""  # its instance's state reason code
     tags: list[dict[str, Any]] = field(default_factory=list)  # its /api/tags entries
     openai_models: list[dict[str, Any]] = field(default_factory=list)  # its /v1/models entries
     inflight: int = 0  # what the agent last said
@@ -66,6 +66,7 @@ class Host:
             "ready": self.ready,
             "reasons": self.reasons,
             "models": sorted(self.models),
+            "declared": sorted(self.declared),
             "inflight": self.inflight,
             "routed": self.routed,
             "ejected_for": max(0.0, round(self.ejected_until - now, 1)) or None,
@@ -82,10 +83,12 @@ class Fleet:
             connector=aiohttp.TCPConnector(limit=32, ssl=tls), auto_decompress=True
         )
         self._key = key
+        self.ec2 = Ec2(cfg)
         self.hosts: dict[str, Host] = {}
         self.refreshed_at: float | None = None
         self.last_error: str | None = None
         self._task: asyncio.Task[None] | None = None
+        self._refreshing: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.refresh()
@@ -105,19 +108,34 @@ class Fleet:
 
     # --- discovery -----------------------------------------------------------------------------------------
     async def refresh(self) -> None:
+        """Discover the hosts and ask the running ones; one look at a time (a wake asking for one while the
+        interval's is under way waits for that one)."""
+        if self._refreshing is None:
+            self._refreshing = asyncio.create_task(self._refresh(), name="gateway-fleet-refresh")
+            self._refreshing.add_done_callback(self._refreshed)
+        await asyncio.shield(self._refreshing)
+
+    def _refreshed(self, task: asyncio.Task[None]) -> None:
+        if self._refreshing is task:
+            self._refreshing = None
+
+    async def _refresh(self) -> None:
         try:
             found = await self._discover()
         except Exception as exc:  # EC2 away: keep the hosts last known, poll them
             self.last_error = clip(f"discovery: {exc!r}")
             event(log, logging.WARNING, "could not discover the fleet's hosts", error=self.last_error)
-            found = [(h.id, h.url, h.state) for h in self.hosts.values()]
+            found = [
+                Instance(h.id, h.url, h.state, sorted(h.declared), h.reason) for h in self.hosts.values()
+            ]
         else:
             self.last_error = None
         hosts = {}
-        for host_id, url, state in found:
-            host = self.hosts.get(host_id) or Host(host_id, url)
-            host.url, host.state = url, state
-            hosts[host_id] = host
+        for seen in found:
+            host = self.hosts.get(seen.id) or Host(seen.id, seen.url)
+            host.url, host.state, host.reason = seen.url, seen.state, seen.reason
+            host.declared = {k for k in (model_key(m) for m in seen.declared) if k}
+            hosts[seen.id] = host
         self.hosts = hosts
         await asyncio.gather(*(self._poll(h) for h in hosts.values() if h.state == "running"))
         for host in hosts.values():
@@ -125,34 +143,10 @@ class Fleet:
                 host.ready, host.reasons = False, [f"the instance is {host.state}"]
         self.refreshed_at = time.time()
 
-    async def _discover(self) -> list[tuple[str, str, str]]:
+    async def _discover(self) -> list[Instance]:
         if self.cfg.hosts:
-            return [(h.id, h.url, "running") for h in self.cfg.hosts]
-        return await asyncio.get_running_loop().run_in_executor(None, self._describe_instances)
-
-    def _describe_instances(self) -> list[tuple[str, str, str]]:
-        import boto3  # the gateway's extra: hosts run without it
-
-        client = boto3.client("ec2", region_name=self.cfg.region, endpoint_url=self.cfg.endpoint_url)
-        filters = [
-            {"Name": "tag:llmfleet:deployment", "Values": [self.cfg.deployment or ""]},
-            {"Name": "tag:llmfleet:role", "Values": ["gpu-host"]},
-            {"Name": "instance-state-name", "Values": ["pending", "running", "stopping", "stopped"]},
-        ]
-        found = []
-        for page in client.get_paginator("describe_instances").paginate(Filters=filters):
-            for reservation in page["Reservations"]:
-                for instance in reservation["Instances"]:
-                    tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
-                    address = tags.get(self.cfg.address_tag or "") if self.cfg.address_tag else None
-                    if address is not None and not _ADDRESS.match(address):
-                        address = None  # only an address and a port: never a URL of the tagger's choosing
-                    if address is None:
-                        ip = instance.get("PrivateIpAddress")
-                        address = f"{ip}:{self.cfg.agent_port}" if ip else None
-                    url = f"{self.cfg.agent_scheme}://{address}" if address else ""
-                    found.append((instance["InstanceId"], url, instance["State"]["Name"]))
-        return found
+            return [Instance(h.id, h.url, "running") for h in self.cfg.hosts]
+        return await asyncio.get_running_loop().run_in_executor(None, self.ec2.describe)
 
     # --- asking a host ---------------------------------------------------------------------------------
     async def _get(self, host: Host, path: str, auth: bool) -> tuple[int, Any]:
@@ -214,10 +208,11 @@ class Fleet:
             )
 
     def candidates(self, model: str | None) -> tuple[list[Host], list[Host]]:
-        """(the usable hosts for `model`, fewest requests first; every host that has it at all)."""
+        """(the usable hosts for `model`, fewest requests first; every host that has it at all: that had it
+        when last asked, or whose llmfleet:models tag names it)."""
         now = time.monotonic()
         key = model_key(model) if model else None
-        having = [h for h in self.hosts.values() if key is None or key in h.models]
+        having = [h for h in self.hosts.values() if key is None or key in h.models or key in h.declared]
         usable = [h for h in having if h.state == "running" and h.ready and h.ejected_until <= now]
         usable.sort(key=lambda h: (h.routed, h.inflight))
         return usable, having

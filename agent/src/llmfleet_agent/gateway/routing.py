@@ -23,16 +23,19 @@ from ..proxy.handler import Exchange, Refused
 from ..proxy.upstream import Forward, Target
 from ..roles import Role
 from .fleet import Fleet, Host
+from .wake import Waker
 
 routes = web.RouteTableDef()
 FLEET = web.AppKey("fleet", Fleet)
+WAKER = web.AppKey("waker", Waker)
 RETRY_AFTER = "5"
 
 
 class GatewayUpstream:
-    def __init__(self, fleet: Fleet, key: str) -> None:
+    def __init__(self, fleet: Fleet, key: str, waker: Waker | None = None) -> None:
         self._fleet = fleet
         self._key = key
+        self._waker = waker
 
     def _target(self, host: Host, ex: Exchange, tried: list[Host]) -> Target:
         headers = {
@@ -62,7 +65,21 @@ class GatewayUpstream:
 
     async def forward(self, request: web.Request, ex: object, send: Forward) -> web.StreamResponse:
         assert isinstance(ex, Exchange)
+        try:
+            return await self._forward(ex, send)
+        except Refused as refused:
+            # every host refused the connection (nothing was sent): they may have just been stopped (the idle
+            # sweep) while the fleet's last look saw them ready; look again, and wake one if none is left
+            if refused.reason != "unreachable" or not ex.model or self._waker is None:
+                raise
+            await self._fleet.refresh()
+            return await self._forward(ex, send)
+
+    async def _forward(self, ex: Exchange, send: Forward) -> web.StreamResponse:
         usable, having = self._fleet.candidates(ex.model)
+        if not usable and ex.model and having and self._waker is not None:
+            await self._waker.hold(ex.model)  # a host with the model is ready now, or Refused
+            usable, having = self._fleet.candidates(ex.model)
         if not usable:
             if ex.model and not having:
                 raise Refused(404, f"model {ex.model!r}: no host of the fleet has it", reason="no_host")
@@ -113,6 +130,7 @@ async def gateway_status(request: web.Request) -> web.Response:
             "refreshed_at": fleet.refreshed_at,
             "discovery_error": fleet.last_error,
             "hosts": [h.snapshot(now) for h in sorted(fleet.hosts.values(), key=lambda h: h.id)],
+            "wakes": request.app[WAKER].status() if WAKER in request.app else [],
         }
     )
 
