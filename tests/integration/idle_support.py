@@ -64,12 +64,12 @@ class Deployment:
         extra = ["-e", f"llmfleet_deployment={self.name}", "-e", f"llmfleet_state_dir={self.state_dir}"]
         return ansible_playbook(playbook, *extra, *args, env=self.env)
 
-    def sweep(self, *args: str) -> tuple[PlaybookRun, dict[str, Any]]:
+    def sweep(self, *args: str, succeeds: bool = True) -> tuple[PlaybookRun, dict[str, Any]]:
         """Run idle_shutdown.yml; returns the run and the summary it wrote."""
         summary = self.state_dir / "idle-summary.json"
         summary.unlink(missing_ok=True)
         run = self.play("playbooks/idle_shutdown.yml", *args)
-        assert run.returncode == 0, run.output[-6000:]
+        assert (run.returncode == 0) is succeeds, run.output[-6000:]
         return run, json.loads(summary.read_text())
 
     def wake(self, *args: str) -> tuple[PlaybookRun, dict[str, Any] | None]:

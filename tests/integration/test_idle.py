@@ -100,6 +100,22 @@ def test_sweep_stops_the_idle_host_and_keeps_the_others(deployment: Deployment, 
     assert agents.idle("c")["draining"] is False
 
 
+def test_a_sweep_that_reaches_no_agent_fails_loudly_and_stops_nothing(deployment: Deployment) -> None:
+    """A controller outside the VPC (here: nothing listens at the hosts' agent addresses) must not report
+    success having stopped nothing."""
+    for name in ("gpu-x", "gpu-y"):
+        deployment.launch(name, f"http://127.0.0.1:{free_port()}", "0")
+
+    run, summary = deployment.sweep(succeeds=False)
+
+    assert outcomes(summary) == {"gpu-x": "unreachable", "gpu-y": "unreachable"}
+    assert deployment.states() == {"gpu-x": "running", "gpu-y": "running"}
+    message = " ".join(run.output.split())
+    expected = "this controller cannot reach the agents of 2 of the 2 running GPU hosts"
+    assert expected in message, run.output[-3000:]
+    assert "gpu-x, gpu-y" in message and "Run the idle sweep inside the VPC" in message
+
+
 def test_a_failed_stop_resumes_the_agent(deployment: Deployment, agents: Fleet) -> None:
     fresh(agents, "e")
     deployment.launch("gpu-e", agents.agents["e"].url, "0", disable_api_stop=True)  # stop protection on
