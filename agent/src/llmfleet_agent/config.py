@@ -6,7 +6,6 @@ or a bad value raises `ConfigError` with a message that names the key (for examp
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import socket
@@ -26,6 +25,7 @@ from pydantic import (
 )
 
 from .addresses import parse_networks
+from .durations import parse_duration
 from .loopback import is_loopback
 
 CONFIG_ENV = "LLMFLEET_CONFIG"
@@ -34,48 +34,9 @@ DEFAULT_STATE_DIR = Path("/var/lib/llmfleet-agent")
 Port = Annotated[int, Field(ge=1, le=65535)]
 Seconds = Annotated[float, Field(gt=0)]
 
-_DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*([smhdw]?)$")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-# the words for no limit: a retention that keeps everything, a key that never expires
-NEVER = ("never", "off", "always-on")
-_FORMS = "seconds, or a number with s, m, h, d or w such as 30m or 1.5h, or never"
-
 
 class ConfigError(Exception):
     """A configuration that cannot be used; the message names the offending key."""
-
-
-def parse_duration(value: str | float | int) -> float | None:
-    """Seconds in `value`: a number, or a number with a unit s, m, h, d or w (`90`, `15m`, `1.5h`, `1w`).
-
-    Case and surrounding spaces do not matter; `never`, `off` and `always-on` give None (no limit).
-    Anything else (a negative or non-finite number, a boolean, another word) raises ValueError. The same
-    language as the collection's filter llmfleet.aws.duration_seconds (plugins/filter/duration.py), which
-    cannot import this package: tests/unit/plugins/filter/test_rules.py holds both to one table.
-    """
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError(f"{value!r} is not a duration ({_FORMS})")
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in NEVER:
-            return None
-        match = _DURATION.match(text)
-        if not match:
-            raise ValueError(f"{value!r} is not a duration ({_FORMS})")
-        try:
-            seconds = float(match.group(1)) * _UNITS[match.group(2)]
-        except OverflowError:
-            raise ValueError(f"{value!r} is too large a duration") from None
-    else:
-        try:
-            seconds = float(value)
-        except OverflowError:
-            raise ValueError(f"{value!r} is too large a duration") from None
-    if not math.isfinite(seconds):
-        raise ValueError(f"{value!r} is not a duration ({_FORMS})")
-    if seconds < 0:
-        raise ValueError(f"{value!r} is negative")
-    return seconds
 
 
 def _duration_or_null(value: object) -> float | None:

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from .access_control import requires
 from .appkeys import STORE
-from .config import NEVER, parse_duration
+from .durations import NEVER, parse_duration
 from .http_errors import json_error
 from .logs import clip, event
 from .roles import Role

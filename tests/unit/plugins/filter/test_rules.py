@@ -1,12 +1,12 @@
 """One rule, one place: a duration, a deployment's name and an agent key's id are each defined once.
 
-A duration has two implementations, because the collection cannot import the agent package (it runs on
-the controller; the agent is installed on the hosts): the filter llmfleet.aws.duration_seconds (every
-preflight and the idle sweep) and the agent's config.parse_duration (its configuration file and CLI). The
-table below is their shared definition: both must give the same seconds for every entry it accepts and
-refuse every entry it refuses. The documentation's examples (every `idle_after:` and
-`llmfleet:idle-after=` value in docs/idle.md and docs/deploying.md) go through the filter too; the
-integration test test_rules_in_preflights.py sends them through the gpu_hosts preflight.
+A duration is module_utils/durations.py, one file that the agent package carries as its own
+(agent/src/llmfleet_agent/durations.py is a symbolic link to it; the agent's wheel holds a copy): the filter
+llmfleet.aws.duration_seconds (every preflight and the idle sweep) and the agent's config.parse_duration
+(its configuration file and CLI) both read it. The table below holds both to the language: the same seconds
+for every entry it accepts, a refusal for every entry it refuses. The documentation's examples (every
+`idle_after:` and `llmfleet:idle-after=` value in docs/idle.md and docs/deploying.md) go through the filter
+too; the integration test test_rules_in_preflights.py sends them through the gpu_hosts preflight.
 """
 
 from __future__ import annotations
@@ -143,6 +143,13 @@ def test_not_deployment_names(name: object) -> None:
         AnsibleFilterError, match=r"^database_deployment: .* is not a deployment name: lower-case"
     ):
         deployment_name(name, "database_deployment")
+
+
+def test_the_agent_reads_durations_with_the_collections_own_file() -> None:
+    shared = REPO / "plugins" / "module_utils" / "durations.py"
+    for name in ("durations.py", "idle_rules.py"):
+        carried = REPO / "agent" / "src" / "llmfleet_agent" / name
+        assert carried.is_symlink() and carried.resolve() == (shared.parent / name).resolve(), name
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,1 @@
+../../../plugins/module_utils/idle_rules.py
