@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 from agent_fleet import AGENT, Fleet, bearer, free_port, http, wait_until
+from agents import deep_merge
 from support import Proc
 
 ADDRESS_TAG = "llmfleet:agent-address"
@@ -56,7 +57,7 @@ class EmulatedFleet:
     ) -> str:
         """A running instance whose agent boots `boot_seconds` later; its instance id."""
         config = {"ollama": {"models": models}, "auth": {"gateway_sources": ["127.0.0.1/32"]}}
-        agent = self.agents.add(name, {**config, **(overrides or {})})
+        agent = self.agents.add(name, deep_merge(config, overrides or {}))
         if self.gateway_key:
             made = agent.cli(
                 "keys", "create", "--name", "gateway", "--role", "operator", "--gateway", "--from-stdin",

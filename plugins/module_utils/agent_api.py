@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 from ansible.module_utils.basic import env_fallback
 from ansible.module_utils.urls import ConnectionError as UrlsConnectionError
 from ansible.module_utils.urls import open_url
+from ansible_collections.llmfleet.aws.plugins.module_utils.idle_rules import idle_figures
 
 IDLE_PATH = "/agent/idle"
 DRAIN_PATH = "/agent/drain"
@@ -149,36 +150,6 @@ def error_body(err: HTTPError) -> bytes:
         return b""
     finally:
         err.close()
-
-
-def idle_figures(body: object) -> dict | None:
-    """The idle figures of an answer, typed; None when the body is not them."""
-    if not isinstance(body, dict):
-        return None
-    try:
-        idle_seconds, inflight = body["idle_seconds"], body["inflight"]
-        last_activity, draining = body["last_activity"], body["draining"]
-    except KeyError:
-        return None
-    numbers = (int, float)
-    if (
-        isinstance(idle_seconds, bool)
-        or not isinstance(idle_seconds, numbers)
-        or isinstance(inflight, bool)
-        or not isinstance(inflight, int)
-        or not (
-            last_activity is None
-            or (isinstance(last_activity, numbers) and not isinstance(last_activity, bool))
-        )
-        or not isinstance(draining, bool)
-    ):
-        return None
-    return {
-        "idle_seconds": float(idle_seconds),
-        "inflight": inflight,
-        "last_activity": None if last_activity is None else float(last_activity),
-        "draining": draining,
-    }
 
 
 class AgentClient:

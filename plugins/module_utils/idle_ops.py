@@ -13,21 +13,12 @@ Check mode never posts: a drain only reads the figures and says whether the agen
 from __future__ import annotations
 
 from ansible_collections.llmfleet.aws.plugins.module_utils.agent_api import AgentClient, Answer
+from ansible_collections.llmfleet.aws.plugins.module_utils.idle_rules import agent_result, meets
 
 
 def outcome(answer: Answer, **overrides) -> dict:
     """The result for the figures of `answer`; what the call did goes in `overrides`."""
-    result = dict(
-        changed=False, drained=False, reason="", resumed=False, status=answer.status, agent_unreachable=False
-    )
-    result.update(answer.figures)
-    result.update(overrides)
-    return result
-
-
-def meets(figures: dict, threshold: float) -> bool:
-    """Whether the agent would drain: nothing in flight and idle at least `threshold` seconds."""
-    return figures["inflight"] == 0 and figures["idle_seconds"] >= threshold
+    return agent_result(answer.status, answer.figures, **overrides)
 
 
 def report(client: AgentClient) -> dict:

@@ -30,6 +30,55 @@ def _whole(seconds: float | None) -> float | int | None:
     return int(seconds) if seconds is not None and float(seconds).is_integer() else seconds
 
 
+# ----- an agent's answers ---------------------------------------------------------------------------------
+def idle_figures(body: object) -> dict | None:
+    """The idle figures of an answer, typed; None when the body is not them."""
+    if not isinstance(body, dict):
+        return None
+    try:
+        idle_seconds, inflight = body["idle_seconds"], body["inflight"]
+        last_activity, draining = body["last_activity"], body["draining"]
+    except KeyError:
+        return None
+    numbers = (int, float)
+    if (
+        isinstance(idle_seconds, bool)
+        or not isinstance(idle_seconds, numbers)
+        or isinstance(inflight, bool)
+        or not isinstance(inflight, int)
+        or not (
+            last_activity is None
+            or (isinstance(last_activity, numbers) and not isinstance(last_activity, bool))
+        )
+        or not isinstance(draining, bool)
+    ):
+        return None
+    return {
+        "idle_seconds": float(idle_seconds),
+        "inflight": inflight,
+        "last_activity": None if last_activity is None else float(last_activity),
+        "draining": draining,
+    }
+
+
+def meets(figures: dict, threshold: float) -> bool:
+    """Whether the agent would drain: nothing in flight and idle at least `threshold` seconds."""
+    return figures["inflight"] == 0 and figures["idle_seconds"] >= threshold
+
+
+def agent_result(status: int, figures: dict, **overrides: Any) -> dict:
+    """One agent's result in a sweep (what agent_idle_batch returns per agent, and the gateway's sweep
+    too): the idle figures of its last answer, and what the call did in `overrides` (changed, drained,
+    would_drain, resumed, reason)."""
+    result: dict = dict(
+        changed=False, drained=False, reason="", resumed=False, status=status, agent_unreachable=False
+    )
+    result.update(figures)
+    result.update(overrides)
+    return result
+
+
+# ----- the sweep -------------------------------------------------------------------------------------------
 # every outcome of a swept host, in the order the report lists them
 OUTCOMES = {
     "stopped": "stopped",

@@ -150,14 +150,15 @@ def test_two_gateways_run_in_private_subnets_of_two_zones_with_their_own_role(
         assert instance["IamInstanceProfile"]["Arn"].endswith(f"/{DEPLOYMENT}-gateway")
         zones.add(instance["Placement"]["AvailabilityZone"])
     assert len(zones) == 2
-    # Session Manager, finding the GPU hosts and starting this deployment's (wake on request), nothing else:
-    # no managed policy (SSM's core one reads every parameter of the account), no stop, no other instance
+    # Session Manager, finding the GPU hosts, starting and stopping this deployment's (wake on request, the
+    # idle sweep), nothing else: no managed policy (SSM's core one reads every parameter of the account), no
+    # other instance
     account = aws("sts").get_caller_identity()["Account"]
     find = {"Sid": "FindGpuHosts", "Effect": "Allow", "Action": ["ec2:DescribeInstances"], "Resource": "*"}
     start = {
-        "Sid": "StartGpuHosts",
+        "Sid": "StartAndStopGpuHosts",
         "Effect": "Allow",
-        "Action": ["ec2:StartInstances"],
+        "Action": ["ec2:StartInstances", "ec2:StopInstances"],
         "Resource": f"arn:aws:ec2:*:{account}:instance/*",
         "Condition": {
             "StringEquals": {

@@ -113,7 +113,7 @@ def test_a_sweep_that_reaches_no_agent_fails_loudly_and_stops_nothing(deployment
     message = " ".join(run.output.split())
     expected = "this controller cannot reach the agents of 2 of the 2 running GPU hosts"
     assert expected in message, run.output[-3000:]
-    assert "gpu-x, gpu-y" in message and "Run the idle sweep inside the VPC" in message
+    assert "gpu-x, gpu-y" in message and "The gateway runs the idle sweep inside the VPC" in message
 
 
 def test_a_failed_stop_resumes_the_agent(deployment: Deployment, agents: Fleet) -> None:

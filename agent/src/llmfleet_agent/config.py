@@ -360,6 +360,33 @@ class WakeConfig(_Section):
     poll_interval: Interval = 1.0
 
 
+class GpuPrice(_Section):
+    usd_per_hour: Annotated[float, Field(ge=0)]
+    gpus: Annotated[int, Field(ge=0)]
+
+
+class SweepConfig(_Section):
+    """The idle sweep, run by the gateway inside the VPC (gateway/sweep.py): the rules of
+    playbooks/idle_shutdown.yml (idle_rules.py, one file for both)."""
+
+    # EC2 discovery only (a fixed host list has no instances to stop)
+    enabled: bool = True
+    # between two sweeps
+    interval: Interval = 60.0
+    # the threshold of a host without the tag llmfleet:idle-after (30m, never, ...)
+    default_idle_after: str = "30m"
+    # the summary of the last sweep, as JSON (default: <state_dir>/idle-summary.json)
+    summary_file: Path | None = None
+    # per instance type, for the summary's savings (as idle_shutdown_prices)
+    prices: dict[str, GpuPrice] = {}
+
+    @field_validator("default_idle_after")
+    @classmethod
+    def _a_duration(cls, value: str) -> str:
+        parse_duration(value)  # ValueError naming the value
+        return value
+
+
 class GatewayConfig(_Section):
     """`llmfleet-agent gateway`: the fleet's one endpoint (gateway/)."""
 
@@ -383,6 +410,7 @@ class GatewayConfig(_Section):
     eject_after: Annotated[int, Field(ge=1)] = 3
     eject_for: Interval = 30.0
     wake: WakeConfig = WakeConfig()
+    sweep: SweepConfig = SweepConfig()
 
     @model_validator(mode="after")
     def _some_hosts(self) -> GatewayConfig:

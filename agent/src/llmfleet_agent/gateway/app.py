@@ -17,7 +17,8 @@ from ..http_errors import add_routes
 from ..proxy.handler import add_proxy_routes
 from ..proxy.routes import ROUTES
 from .fleet import Fleet
-from .routing import FLEET, WAKER, GatewayUpstream, routes
+from .routing import FLEET, SWEEPER, WAKER, GatewayUpstream, routes
+from .sweep import Sweeper
 from .wake import Waker
 
 # the fleet's model lists are the gateway's own (the union of the hosts'); every other route is forwarded
@@ -49,9 +50,18 @@ async def _fleet_ctx(app: web.Application) -> AsyncIterator[None]:
     waker = Waker(fleet, gateway.wake) if gateway.wake.enabled and not gateway.hosts else None
     if waker is not None:
         app[WAKER] = waker
+    # the idle sweep: the instances to stop, EC2 discovery too
+    sweeper = None
+    if gateway.sweep.enabled and not gateway.hosts:
+        summary_file = gateway.sweep.summary_file or cfg.resolved_state_dir / "idle-summary.json"
+        sweeper = Sweeper(fleet, gateway.sweep, gateway.deployment or "", summary_file)
+        sweeper.start()
+        app[SWEEPER] = sweeper
     app[UPSTREAM] = GatewayUpstream(fleet, key, waker)
     app[KNOWN_MODELS] = lambda: {m for h in fleet.hosts.values() for m in h.models}
     yield
+    if sweeper is not None:
+        await sweeper.stop()
     if waker is not None:
         await waker.stop()
     await fleet.stop()

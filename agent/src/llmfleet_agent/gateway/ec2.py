@@ -1,7 +1,8 @@
-"""The gateway's EC2 calls: the deployment's GPU instances (DescribeInstances), and starting one
-(StartInstances, for wake on request). boto3 is the gateway's extra; the calls block, so the fleet and the
-waker run them in the loop's executor. The gateway's IAM role allows these two and nothing more (starting only
-this deployment's GPU hosts, by tag condition)."""
+"""The gateway's EC2 calls: the deployment's GPU instances (DescribeInstances), starting one
+(StartInstances, for wake on request) and stopping one (StopInstances, the idle sweep). boto3 is the
+gateway's extra; the calls block, so the fleet, the waker and the sweep run them in the loop's executor.
+The gateway's IAM role allows these three and nothing more (starting and stopping only this deployment's
+GPU hosts, by tag condition)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ class Instance:
     state: str
     declared: list[str] = field(default_factory=list)  # the models its llmfleet:models tag names
     reason: str = ""  # the state reason's code (Server.InsufficientInstanceCapacity: started, then stopped)
+    instance_type: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 class StartRefused(Exception):
@@ -39,6 +42,10 @@ class StartRefused(Exception):
     @property
     def no_capacity(self) -> bool:
         return self.code in NO_CAPACITY
+
+
+class StopRefused(StartRefused):
+    """StopInstances answered an error: its code and message."""
 
 
 class Ec2:
@@ -82,7 +89,19 @@ class Ec2:
             state=instance["State"]["Name"],
             declared=[m.strip() for m in tags.get(MODELS_TAG, "").split(",") if m.strip()],
             reason=(instance.get("StateReason") or {}).get("Code", ""),
+            instance_type=instance.get("InstanceType", ""),
+            tags=tags,
         )
+
+    def stop(self, instance_id: str) -> None:
+        """Stop the instance (the idle sweep, once its agent drained). StartRefused's kin on an error."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self._ec2().stop_instances(InstanceIds=[instance_id])
+        except ClientError as exc:
+            error = exc.response.get("Error", {})
+            raise StopRefused(str(error.get("Code", "Error")), str(error.get("Message", exc))) from None
 
     def start(self, instance_id: str) -> str:
         """Start the instance; its state now (pending, or running when it was). StartRefused on an error."""

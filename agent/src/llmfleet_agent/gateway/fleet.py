@@ -45,6 +45,8 @@ class Host:
     models: set[str] = field(default_factory=set)  # model_key of each model present
     declared: set[str] = field(default_factory=set)  # model_key of each model its tag names (when stopped)
     reason: str = ""  # its instance's state reason code
+    instance_type: str = ""
+    instance_tags: dict[str, str] = field(default_factory=dict)
     tags: list[dict[str, Any]] = field(default_factory=list)  # its /api/tags entries
     openai_models: list[dict[str, Any]] = field(default_factory=list)  # its /v1/models entries
     inflight: int = 0  # what the agent last said
@@ -126,7 +128,8 @@ class Fleet:
             self.last_error = clip(f"discovery: {exc!r}")
             event(log, logging.WARNING, "could not discover the fleet's hosts", error=self.last_error)
             found = [
-                Instance(h.id, h.url, h.state, sorted(h.declared), h.reason) for h in self.hosts.values()
+                Instance(h.id, h.url, h.state, sorted(h.declared), h.reason, h.instance_type, h.instance_tags)
+                for h in self.hosts.values()
             ]
         else:
             self.last_error = None
@@ -134,6 +137,7 @@ class Fleet:
         for seen in found:
             host = self.hosts.get(seen.id) or Host(seen.id, seen.url)
             host.url, host.state, host.reason = seen.url, seen.state, seen.reason
+            host.instance_type, host.instance_tags = seen.instance_type, seen.tags
             host.declared = {k for k in (model_key(m) for m in seen.declared) if k}
             hosts[seen.id] = host
         self.hosts = hosts
@@ -156,6 +160,20 @@ class Fleet:
             host.url + path, headers=headers, timeout=timeout, allow_redirects=False
         ) as answer:
             return answer.status, await answer.json(content_type=None)
+
+    async def call(self, host: Host, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        """One control request to a host's agent with the gateway's key (the idle sweep's drain and resume):
+        (status, JSON body). aiohttp's errors when it does not answer."""
+        headers = {"Authorization": f"Bearer {self._key}"}
+        timeout = aiohttp.ClientTimeout(total=POLL_TIMEOUT)
+        async with self._session.request(
+            method, host.url + path, json=body, headers=headers, timeout=timeout, allow_redirects=False
+        ) as answer:
+            return answer.status, await answer.json(content_type=None)
+
+    def unreachable(self, exc: BaseException) -> str:
+        """An error's text without the gateway's key (an error's text may carry the request's headers)."""
+        return f"{type(exc).__name__}: {exc}".replace(self._key, "***")
 
     async def _poll(self, host: Host) -> None:
         try:
@@ -183,7 +201,7 @@ class Fleet:
         except Exception as exc:
             host.ready = False
             # an error's text may carry the request's headers: never the gateway's key
-            error = f"{type(exc).__name__}: {exc}".replace(self._key, "***")
+            error = self.unreachable(exc)
             host.reasons = [clip(f"not reachable: {error}") or "not reachable"]
             host.last_error = host.reasons[0]
         host.checked_at = time.time()

@@ -23,11 +23,13 @@ from ..proxy.handler import Exchange, Refused
 from ..proxy.upstream import Forward, Target
 from ..roles import Role
 from .fleet import Fleet, Host
+from .sweep import Sweeper
 from .wake import Waker
 
 routes = web.RouteTableDef()
 FLEET = web.AppKey("fleet", Fleet)
 WAKER = web.AppKey("waker", Waker)
+SWEEPER = web.AppKey("sweeper", Sweeper)
 RETRY_AFTER = "5"
 
 
@@ -131,6 +133,7 @@ async def gateway_status(request: web.Request) -> web.Response:
             "discovery_error": fleet.last_error,
             "hosts": [h.snapshot(now) for h in sorted(fleet.hosts.values(), key=lambda h: h.id)],
             "wakes": request.app[WAKER].status() if WAKER in request.app else [],
+            "sweep": request.app[SWEEPER].status() if SWEEPER in request.app else None,
         }
     )
 
