@@ -9,7 +9,7 @@ COLLECTION_LINK := .ansible/collections/ansible_collections/llmfleet/aws
 EMULATOR_PORT ?= 5000
 
 .PHONY: help demo test test-fast test-agent test-collection test-roles sanity lint format bench emulator emulator-stop \
-	bench-store system-deps venv lock clean
+	bench-store bench-bill system-deps venv lock clean
 
 help:
 	@echo "make demo       run the agent on this machine (real ollama if on PATH, else the simulator)"
@@ -19,6 +19,7 @@ help:
 	@echo "make format     ruff format and fix"
 	@echo "make bench      the proxy against a direct connection; JSON under bench/results/"
 	@echo "make bench-store  the PostgreSQL store: 10M records, 30-day reports, insert rates (about 5 min)"
+	@echo "make bench-bill   the bill: an office day at 100x through the gateway, wake and sweep (about 8 min)"
 	@echo "make emulator   start the local AWS emulator on 127.0.0.1:$(EMULATOR_PORT) (make emulator-stop)"
 	@echo "make sanity     ansible-test sanity on the built collection"
 	@echo "make lock       pin the newest allowed versions in constraints.txt (on purpose; then make test)"
@@ -111,6 +112,9 @@ bench: venv
 # check that it works
 bench-store: venv
 	@$(BIN)/python bench/bench_store.py $(BENCH_STORE_ARGS)
+
+bench-bill: venv
+	@$(BIN)/python bench/bench_bill.py $(BENCH_BILL_ARGS)
 
 demo: venv
 	@scripts/demo.sh

@@ -6,7 +6,8 @@
 # simulator) and the agent with its keys; and the gateway (under .llmfleet/llmfleet-local/gateway). The
 # demo starts that agent, waits until it is ready, shows the endpoint, the keys and the status, streams a
 # chat through the proxy with a key, starts the gateway and streams the same chat through it, prints the
-# usage summary, and stops everything it started.
+# usage summary, then shows wake on request and the idle sweep (scripts/demo_wake.py: the host stopped, a
+# request wakes it, the answer streams, the gateway's sweep stops it again), and stops everything it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN="$PWD/.venv/bin"
@@ -127,6 +128,12 @@ echo "   stopped; nothing of it is left running. Log: $STATE/agent.log"
 
 step "usage records (written in the background, flushed at stop: llmfleet-agent usage)"
 "$AGENT" usage --config "$CONFIG" --by key
+
+# wake on request and the idle sweep: the emulator's fleet runs the installed agent as gpu-a while its
+# instance runs; the gateway finds it in EC2, starts it for a request, and stops it again when idle
+"$BIN/python" scripts/demo_wake.py "$AWS_ENDPOINT_URL" llmfleet-local "$STATE" "$MODEL"
+for _ in $(seq 1 300); do pgrep -f -- "--config $CONFIG" >/dev/null || break; sleep 0.1; done
+if pgrep -f -- "--config $CONFIG" >/dev/null; then die "the agent is still running after the wake demo"; fi
 
 if [ -n "$emulator_started" ]; then
   step "stopping the emulator (what site.yml built there goes with it)"

@@ -193,3 +193,31 @@ def test_the_configuration_examples_in_the_docs_are_valid(doc: str, least: int) 
     assert len(blocks) >= least
     for block in blocks:
         parse_config(yaml.safe_load(block), f"docs/{doc}")
+
+
+def test_the_gateways_sweep_takes_a_threshold_as_a_duration_or_seconds(tmp_path: Path) -> None:
+    """The host stage writes llmfleet_idle_after as it is given: 30m, or a number of seconds."""
+    key = tmp_path / "gateway-key"
+    for value in ("30m", 900, 1.5, "never"):
+        cfg = parse_config(
+            {
+                "gateway": {
+                    "key_file": str(key),
+                    "deployment": "acme",
+                    "agent_scheme": "http",
+                    "sweep": {"default_idle_after": value},
+                }
+            }
+        )
+        assert cfg.gateway is not None and cfg.gateway.sweep.default_idle_after == value
+    with pytest.raises(ConfigError, match=r"gateway\.sweep\.default_idle_after.*'1\.5x' is not a duration"):
+        parse_config(
+            {
+                "gateway": {
+                    "key_file": str(key),
+                    "deployment": "acme",
+                    "agent_scheme": "http",
+                    "sweep": {"default_idle_after": "1.5x"},
+                }
+            }
+        )

@@ -13,7 +13,8 @@ version_added: 0.2.0
 short_description: Find a deployment's gateway load balancer and target group
 description:
   - Looks up the Application Load Balancer and the target group of a deployment's gateways by their name
-    (M(llmfleet.aws.gateway_lb_name) gives it), never by listing every load balancer of the region.
+    (the filter P(llmfleet.aws.gateway_lb_name#filter) gives it), never by listing every load balancer of
+    the region.
   - Finds nothing (empty dicts) rather than failing when there is none. M(amazon.aws.elb_application_lb_info)
     given a name that does not exist fails instead (amazon.aws 10).
   - Names are cut to 32 characters, so two long deployment names may cut alike; only resources tagged

@@ -30,6 +30,7 @@ The emulator listens on loopback only and runs what its caller asks: it is a tes
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import threading
@@ -204,10 +205,11 @@ def _start_instances(original: Callable[..., Any]) -> Callable[..., Any]:
 def _instance_start(original: Callable[..., Any]) -> Callable[..., Any]:
     def start(self: Any) -> Any:
         with _lock:
-            was = self.state
-            previous = original(self)
             machine = _machines.get(self.id)
-            if machine is None or self.state != "running" or was in ("running", "pending"):
+            if machine is not None and self.state in ("running", "pending"):
+                return copy.copy(self._state)  # AWS: a start of a started instance changes nothing
+            previous = original(self)
+            if machine is None or self.state != "running":
                 return previous
             _instances[self.id] = self
             if machine.spec.pending_seconds <= 0:

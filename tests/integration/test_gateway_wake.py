@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_fleet import wait_until
+from agent_fleet import AGENT, wait_until
 from conftest import client_factory
 from emulated_fleet import EmulatedFleet, Gateway
 from emulators import running_emulator
@@ -136,3 +136,49 @@ def test_a_capacity_error_on_the_first_host_wakes_the_second(
     assert code == 503 and headers["Retry-After"] == "30", body
     assert fleet.instances["gpu-a"] in body["error"] and fleet.instances["gpu-b"] in body["error"], body
     assert "InsufficientInstanceCapacity" in body["error"], body
+
+
+def test_two_gateways_waking_the_same_host_start_it_once_and_both_are_answered(
+    fleet: EmulatedFleet, gateways: list[Gateway], tmp_path: Path
+) -> None:
+    fleet.launch("gpu-a", [MODEL], boot_seconds=1.0, pending_seconds=1.0)
+    stopped(fleet, "gpu-a")
+    for name in ("one", "two"):
+        gateways.append(Gateway.of(fleet, tmp_path / name, {"wake": {"poll_interval": 0.2}}))
+    for gateway in gateways:
+        wait_until(lambda gateway=gateway: gateway.status()["hosts"], 10, "the gateways to find the host")
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        answers = [pool.submit(g.chat, MODEL, 120.0) for g in gateways for _request in range(2)]
+        results = [a.result(timeout=120) for a in answers]
+    assert [code for code, _body, _headers in results] == [200] * 4, results
+    # AWS answers the second start with the instance's state: one start, one boot
+    assert fleet.machine("gpu-a")["boots"] == 1 and len(fleet.machine("gpu-a")["intervals"]) == 2
+    for gateway in gateways:
+        (wake,) = wakes(gateway)
+        assert wake["host"] == fleet.instances["gpu-a"] and wake["phase"] == "ready"
+
+
+def test_a_request_for_a_host_being_stopped_wakes_it_once_it_has_stopped(
+    fleet: EmulatedFleet, gateways: list[Gateway], tmp_path: Path
+) -> None:
+    fleet.launch("gpu-a", [MODEL])
+    instance = fleet.instances["gpu-a"]
+    agent = fleet.agents.agents["gpu-a"]
+    # the host shuts down slowly: its agent ends at SIGTERM, the machine 3 s later (`stopping` meanwhile)
+    serve = f"{AGENT} serve --config {agent.config_path}"
+    script = f'{serve} & pid=$!; trap "kill -TERM $pid; wait $pid; sleep 3" TERM; wait $pid'
+    spec = {"argv": ["sh", "-c", script], "log": str(agent.dir / "agent.log")}
+    fleet.control("POST", {"instances": {instance: spec}})
+    wait_until(lambda: agent.readyz()[0] == 200, 60, "the agent to boot")
+    gateway = Gateway.of(fleet, tmp_path / "gateway", {"wake": {"poll_interval": 0.2}})
+    gateways.append(gateway)
+    wait_until(lambda: gateway.hosts()[instance]["ready"], 10, "the gateway to see it ready")
+
+    fleet.ec2.stop_instances(InstanceIds=[instance])
+    assert fleet.state("gpu-a") == "stopping"
+    code, body, _headers = gateway.chat(MODEL, 120.0)  # a start now would be refused: it waits, then starts
+
+    assert code == 200, body
+    assert fleet.state("gpu-a") == "running" and len(fleet.machine("gpu-a")["intervals"]) == 2
+    (wake,) = wakes(gateway)
+    assert wake["host"] == instance and wake["phase"] == "ready" and wake["tried"] == []

@@ -358,6 +358,9 @@ class WakeConfig(_Section):
     timeout: Interval = 600.0
     # how often a starting host is looked at
     poll_interval: Interval = 1.0
+    # how long a host that this gateway did not start (already running: another gateway woke it, or its
+    # agent is broken) may take to get ready before the wake gives up on it and starts another
+    boot_grace: Interval = 300.0
 
 
 class GpuPrice(_Section):
@@ -373,8 +376,8 @@ class SweepConfig(_Section):
     enabled: bool = True
     # between two sweeps
     interval: Interval = 60.0
-    # the threshold of a host without the tag llmfleet:idle-after (30m, never, ...)
-    default_idle_after: str = "30m"
+    # the threshold of a host without the tag llmfleet:idle-after (30m, 1800, never, ...)
+    default_idle_after: str | float = "30m"
     # the summary of the last sweep, as JSON (default: <state_dir>/idle-summary.json)
     summary_file: Path | None = None
     # per instance type, for the summary's savings (as idle_shutdown_prices)
@@ -382,7 +385,7 @@ class SweepConfig(_Section):
 
     @field_validator("default_idle_after")
     @classmethod
-    def _a_duration(cls, value: str) -> str:
+    def _a_duration(cls, value: str | float) -> str | float:
         parse_duration(value)  # ValueError naming the value
         return value
 

@@ -47,6 +47,7 @@ class Host:
     reason: str = ""  # its instance's state reason code
     instance_type: str = ""
     instance_tags: dict[str, str] = field(default_factory=dict)
+    up_since: float | None = None  # when this gateway first saw it pending or running (monotonic)
     tags: list[dict[str, Any]] = field(default_factory=list)  # its /api/tags entries
     openai_models: list[dict[str, Any]] = field(default_factory=list)  # its /v1/models entries
     inflight: int = 0  # what the agent last said
@@ -136,6 +137,11 @@ class Fleet:
         hosts = {}
         for seen in found:
             host = self.hosts.get(seen.id) or Host(seen.id, seen.url)
+            up = ("pending", "running")
+            if seen.state not in up:
+                host.up_since = None
+            elif host.up_since is None or host.state not in up:
+                host.up_since = time.monotonic()
             host.url, host.state, host.reason = seen.url, seen.state, seen.reason
             host.instance_type, host.instance_tags = seen.instance_type, seen.tags
             host.declared = {k for k in (model_key(m) for m in seen.declared) if k}
@@ -231,6 +237,7 @@ class Fleet:
         now = time.monotonic()
         key = model_key(model) if model else None
         having = [h for h in self.hosts.values() if key is None or key in h.models or key in h.declared]
-        usable = [h for h in having if h.state == "running" and h.ready and h.ejected_until <= now]
+        # routed to only when its agent has the model (a tag may name one the host has not pulled)
+        usable = [h for h in having if (key is None or key in h.models) and h.usable(now)]
         usable.sort(key=lambda h: (h.routed, h.inflight))
         return usable, having

@@ -67,19 +67,21 @@ class GatewayUpstream:
 
     async def forward(self, request: web.Request, ex: object, send: Forward) -> web.StreamResponse:
         assert isinstance(ex, Exchange)
+        held = [False]  # a request is held for a wake at most once
         try:
-            return await self._forward(ex, send)
+            return await self._forward(ex, send, held)
         except Refused as refused:
             # every host refused the connection (nothing was sent): they may have just been stopped (the idle
             # sweep) while the fleet's last look saw them ready; look again, and wake one if none is left
             if refused.reason != "unreachable" or not ex.model or self._waker is None:
                 raise
             await self._fleet.refresh()
-            return await self._forward(ex, send)
+            return await self._forward(ex, send, held)
 
-    async def _forward(self, ex: Exchange, send: Forward) -> web.StreamResponse:
+    async def _forward(self, ex: Exchange, send: Forward, held: list[bool]) -> web.StreamResponse:
         usable, having = self._fleet.candidates(ex.model)
-        if not usable and ex.model and having and self._waker is not None:
+        if not usable and ex.model and having and self._waker is not None and not held[0]:
+            held[0] = True
             await self._waker.hold(ex.model)  # a host with the model is ready now, or Refused
             usable, having = self._fleet.candidates(ex.model)
         if not usable:

@@ -36,6 +36,7 @@ class Sweeper:
         self.deployment = deployment
         self.summary_file = summary_file
         self.last: dict[str, Any] | None = None
+        self.last_stopped: dict[str, Any] | None = None  # the last sweep that stopped a host (or failed to)
         self.last_error: str | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -52,15 +53,19 @@ class Sweeper:
         while True:
             await asyncio.sleep(self.cfg.interval)
             try:
-                await self.sweep()
-                self.last_error = None
+                if await self.sweep() is not None:
+                    self.last_error = None
             except Exception as exc:  # EC2 or the disk: the next sweep tries again
                 self.last_error = clip(f"{type(exc).__name__}: {exc}")
                 event(log, logging.WARNING, "the idle sweep failed", error=self.last_error)
 
-    async def sweep(self) -> dict[str, Any]:
-        """One sweep: its summary (idle_rules.idle_summary's)."""
+    async def sweep(self) -> dict[str, Any] | None:
+        """One sweep: its summary (idle_rules.idle_summary's); None when EC2 could not be asked (the hosts
+        last known may be stale, and a host drained now could not be stopped: nothing is drained)."""
         await self._fleet.refresh()
+        if self._fleet.last_error is not None:
+            self.last_error = f"not swept: {self._fleet.last_error}"
+            return None
         hosts = {h.id: h for h in self._fleet.hosts.values() if h.state == "running"}
         instances = [
             {
@@ -75,9 +80,6 @@ class Sweeper:
             await asyncio.gather(*(self._ask(hosts[a["id"]], a["drain_if_idle_for"]) for a in plan["agents"]))
         )
         drained = [a["id"] for a in asked if a.get("drained")]
-        for host_id in drained:  # no more of this gateway's requests, from now
-            host = hosts[host_id]
-            host.ready, host.reasons, host.state = False, ["draining: the idle sweep stops it"], "stopping"
         failures = dict(zip(drained, await asyncio.gather(*(self._stop(i) for i in drained)), strict=True))
         stopped = [i for i, failure in failures.items() if failure is None]
         failed = [i for i, failure in failures.items() if failure is not None]
@@ -87,7 +89,9 @@ class Sweeper:
         prices = {name: price.model_dump() for name, price in self.cfg.prices.items()}
         summary = idle_rules.idle_summary(results, prices, deployment=self.deployment)
         self.last = summary
-        self._write(summary)
+        if drained:  # the file and the status keep the last sweep that stopped (or failed to stop) a host
+            self.last_stopped = summary
+            self._write(summary)
         if drained or failed:
             for line in idle_rules.idle_report(summary):
                 event(log, logging.INFO, "idle sweep", line=line.strip())
@@ -103,6 +107,8 @@ class Sweeper:
                 return self._answered(result, status, body, (200,))
             status, body = await self._fleet.call(host, "POST", DRAIN_PATH, {"if_idle_for": threshold})
             drained = status == 200
+            if drained:  # none of this gateway's requests from this moment: the agent refuses them now
+                host.ready, host.reasons, host.state = False, ["draining"], "stopping"
             overrides = {"drained": drained, "would_drain": drained, "changed": drained}
             if not drained and isinstance(body, dict):
                 overrides["reason"] = str(body.get("error") or "")
@@ -121,11 +127,14 @@ class Sweeper:
         return {**result, "answered": True, **idle_rules.agent_result(status, figures, **overrides)}
 
     async def _stop(self, instance_id: str) -> str | None:
-        """None when the stop was taken; else AWS's error."""
+        """None when the stop was taken; else why not (AWS's error, or no answer from EC2: the agent is then
+        resumed all the same, never left draining on a running host)."""
         try:
             await asyncio.get_running_loop().run_in_executor(None, self._fleet.ec2.stop, instance_id)
         except StopRefused as exc:
             return clip(str(exc)) or exc.code
+        except Exception as exc:  # botocore's own: credentials, the endpoint, a timeout
+            return clip(f"{type(exc).__name__}: {exc}") or type(exc).__name__
         event(log, logging.INFO, "stopped an idle host", host=instance_id)
         return None
 
@@ -149,4 +158,9 @@ class Sweeper:
         partial.replace(self.summary_file)
 
     def status(self) -> dict[str, Any]:
-        return {"interval": self.cfg.interval, "last_error": self.last_error, "last": self.last}
+        return {
+            "interval": self.cfg.interval,
+            "last_error": self.last_error,
+            "last": self.last,
+            "last_stopped": self.last_stopped,
+        }

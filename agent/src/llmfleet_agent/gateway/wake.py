@@ -113,7 +113,7 @@ class Waker:
         wake.waiting += 1
         try:
             await asyncio.wait_for(wake.done.wait(), self.cfg.timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not builtins.TimeoutError before Python 3.11 (the gateways' 3.10)
             raise self._refused(wake, f"not ready within {self.cfg.timeout:g}s", "wake_timeout") from None
         finally:
             wake.waiting -= 1
@@ -138,6 +138,9 @@ class Waker:
         deadline = wake.started + self.cfg.timeout
         try:
             wake.error = await self._wake(wake, deadline)
+        except asyncio.CancelledError:
+            wake.error = f"model {wake.model!r}: the gateway is stopping; retry later"
+            raise
         except Exception as exc:  # an EC2 or programming error: the held requests must hear of it
             wake.error = clip(f"model {wake.model!r}: waking a host failed: {type(exc).__name__}: {exc}")
         finally:
@@ -184,35 +187,50 @@ class Waker:
         return hosts[0] if hosts else None
 
     async def _bring_up(self, wake: Wake, host_id: str, deadline: float) -> str | None:
-        """Start the host if it needs it and wait until it is ready with the model: None, or why not."""
-        started = False
+        """Start the host if it needs it and wait until it is ready with the model: None, or why not.
+
+        A host this wake did not start (running already: another gateway woke it, or it is broken) is waited
+        for only `boot_grace` after the gateway first saw it running: a crashed agent or a host that cannot
+        get ready must not hold the requests for the whole timeout while a stopped host could be started.
+        After a start, only a look at the fleet that saw the host come up counts when it is stopped again
+        (a look begun before the start still says stopped)."""
+        started = came_up = False
         loop = asyncio.get_running_loop()
         while time.monotonic() < deadline:
             host = self._fleet.hosts.get(host_id)
             if host is None:
                 return "it is gone (terminated)"
-            if host.state == "stopped" and started:
+            if host.state in ("pending", "running"):
+                came_up = True
+            if host.state == "stopped" and started and (came_up or host.reason.startswith("Server.")):
                 return f"AWS stopped it again ({host.reason or 'no reason given'})"
-            if host.state == "stopped":
+            if host.state == "stopped" and not started:
                 wake.phase = STARTING
                 try:
-                    await loop.run_in_executor(None, self._fleet.ec2.start, host_id)
+                    now = await loop.run_in_executor(None, self._fleet.ec2.start, host_id)
                 except StartRefused as exc:
-                    if exc.code == "IncorrectInstanceState":  # stopping after all: wait for it to stop
-                        wake.phase = "waiting for it to stop"
-                    else:
+                    if exc.code != "IncorrectInstanceState":
                         return clip(str(exc)) or exc.code
+                    wake.phase = "waiting for it to stop"  # stopping after all: wait for it to stop
                 else:
                     started = True
+                    host.state = now  # pending: this gateway's look must not take the start back
                     event(log, logging.INFO, "started a host", host=host_id, model=wake.model)
             elif host.state == "stopping":
                 wake.phase = "waiting for it to stop"
-            else:
+            elif host.state in ("pending", "running"):
                 wake.phase = phase_of(host, wake.key)
                 if wake.phase == READY:
                     return None
                 if host.ready and wake.key not in host.models:
                     return "its agent is ready but does not have the model"
+                if "draining" in host.reasons:  # an idle sweep stops it: started again once stopped
+                    wake.phase = "waiting for it to stop"
+                    waited = 0.0
+                else:
+                    waited = time.monotonic() - (host.up_since or time.monotonic())
+                if not started and waited > self.cfg.boot_grace:
+                    return f"its agent is not ready {waited:.0f}s after it was seen running ({wake.phase})"
             await asyncio.sleep(self.cfg.poll_interval)
             await self._fleet.refresh()
         return f"not ready within {self.cfg.timeout:g}s ({wake.phase})"
