@@ -81,7 +81,8 @@ class Response:
         self._conn: _Connection | None = conn
         self._head_only = method == "HEAD"
         self._read_timeout = read_timeout
-        self._parser = httptools.HttpResponseParser(self)
+        # it calls back this object's on_* methods; dropped once the answer is in (no cycle for the GC)
+        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self._raw_headers: list[tuple[bytes, bytes]] = []
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
@@ -99,13 +100,17 @@ class Response:
     # ----- from the connection (llhttp's callbacks) ---------------------------------
     def _feed(self, data: bytes) -> None:
         self._started = True
+        parser = self._parser
+        if parser is None:
+            return
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(BadResponse(f"malformed answer: {exc}"))
             conn = self._detach()
             if conn is not None:
                 conn.drop()
+            self._wake()
 
     def on_status(self, status: bytes) -> None:
         self.reason += status.decode("latin-1")
@@ -114,6 +119,7 @@ class Response:
         self._raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        assert self._parser is not None  # called back by it
         status = self._parser.get_status_code()
         if 100 <= status < 200:  # an interim answer: the real one follows
             self._raw_headers.clear()
@@ -153,6 +159,7 @@ class Response:
         if not self._head_done:  # the end of an interim answer
             return
         self._complete = True
+        assert self._parser is not None  # called back by it
         keep = self._parser.should_keep_alive()
         conn = self._detach()
         if conn is not None:
@@ -162,6 +169,7 @@ class Response:
     def _lost(self, exc: BaseException | None) -> None:
         """The connection closed (EOF or error) while this answer was being read."""
         self._conn = None
+        self._parser = None
         if self._complete:
             return
         if self._until_eof and exc is None:
@@ -176,6 +184,7 @@ class Response:
     # ----- the reader ------------------------------------------------------------------
     def _detach(self) -> _Connection | None:
         conn, self._conn = self._conn, None
+        self._parser = None
         if conn is not None:
             conn.response = None
         return conn
@@ -491,8 +500,11 @@ class Client:
         self._connecting += 1
         try:
             conn = await self._connect(origin)
-        finally:
+        except BaseException:
             self._connecting -= 1
+            self._wake_one()  # its place is free
+            raise
+        self._connecting -= 1
         self._in_use.add(conn)
         return conn, False
 
@@ -511,10 +523,8 @@ class Client:
                 self._connect_timeout,
             )
         except asyncio.TimeoutError:
-            self._wake_one()
             raise
         except OSError as exc:
-            self._wake_one()
             raise ConnectError(origin.host, origin.port, exc) from exc
         return conn
 
