@@ -247,6 +247,25 @@ async def test_connections_in_use_are_limited() -> None:
             await client.close()
 
 
+async def test_a_failing_body_source_loses_the_request() -> None:
+    async def fails(error: Exception) -> AsyncIterator[bytes]:
+        yield b"some"
+        raise error
+
+    async with aiohttp_server([web.post("/echo", echo)]) as url:
+        client = _client()
+        try:
+            with pytest.raises(asyncio.TimeoutError):  # a stalled source is the caller's to tell
+                await client.request("POST", url, "/echo", (), fails(asyncio.TimeoutError()))
+            with pytest.raises(ConnectionLost, match="ValueError"):
+                await client.request("POST", url, "/echo", (), fails(ValueError("bad chunk")))
+            with pytest.raises(ConnectionLost, match="ConnectionResetError"):
+                await client.request("POST", url, "/echo", (), fails(ConnectionResetError()))
+            assert client.idle_connections == 0
+        finally:
+            await client.close()
+
+
 # ----- what servers do wrong, or die doing ----------------------------------------------
 async def test_connection_refused_is_a_connect_error() -> None:
     client = _client()

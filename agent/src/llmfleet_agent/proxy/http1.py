@@ -379,10 +379,10 @@ class _Connection(asyncio.Protocol):
                 if chunk:
                     transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
                     await self.drain()
-        except OSError as exc:
-            if isinstance(exc, asyncio.TimeoutError):
-                raise
-            raise ConnectionLost(f"cannot send the request body: {exc}") from exc
+        except asyncio.TimeoutError:  # the body's source stalled: the caller's to tell
+            raise
+        except Exception as exc:  # the body's source or the connection failed: the request is lost
+            raise ConnectionLost(f"cannot send the request body: {exc!r}") from exc
         transport.write(b"0\r\n\r\n")
 
 
