@@ -337,13 +337,21 @@ async def test_death_mid_answer_is_never_retried() -> None:
 async def test_read_timeouts_before_and_during_the_answer() -> None:
     async def stalls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         await read_request(reader)
-        if n == 1:
-            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        if n == 0:
+            await asyncio.sleep(5)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await writer.drain()
+        if n == 2:  # slow but steady: never a read timeout, however long it takes in all
+            for _ in range(6):
+                await asyncio.sleep(0.1)
+                writer.write(b"4\r\nnext\r\n")
+                await writer.drain()
+            writer.write(b"0\r\n\r\n")
             await writer.drain()
         await asyncio.sleep(5)
 
     async with raw_server(stalls) as (url, _):
-        client = _client(read_timeout=0.2)
+        client, steady = _client(read_timeout=0.2), _client(read_timeout=0.25)
         try:
             with pytest.raises(asyncio.TimeoutError):
                 await client.request("GET", url, "/")
@@ -352,8 +360,11 @@ async def test_read_timeouts_before_and_during_the_answer() -> None:
             with pytest.raises(asyncio.TimeoutError):
                 await response.next_chunk()
             response.close()
+            async with await steady.request("GET", url, "/") as response:
+                assert await response.read() == b"first" + b"next" * 6
         finally:
             await client.close()
+            await steady.close()
 
 
 async def test_bodies_to_the_end_of_the_connection_and_connection_close() -> None:

@@ -87,6 +87,9 @@ class Response:
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._waiter: asyncio.Future[None] | None = None
+        # one timer for the read timeout, not one a wait: it checks when the current wait began
+        self._timer: asyncio.TimerHandle | None = None
+        self._wait_began = 0.0
         self._started = False  # a byte of the answer arrived
         self._head_done = False
         self._until_eof = False  # a body without a length: it ends when the connection does
@@ -170,6 +173,7 @@ class Response:
         """The connection closed (EOF or error) while this answer was being read."""
         self._conn = None
         self._parser = None
+        self._stop_timer()
         if self._complete:
             return
         if self._until_eof and exc is None:
@@ -185,6 +189,7 @@ class Response:
     def _detach(self) -> _Connection | None:
         conn, self._conn = self._conn, None
         self._parser = None
+        self._stop_timer()
         if conn is not None:
             conn.response = None
         return conn
@@ -200,14 +205,33 @@ class Response:
 
     async def _wait(self) -> None:
         """Until more of the answer (or its end, or an error) comes: at most the read timeout."""
-        waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
         self._waiter = waiter
-        timer = waiter.get_loop().call_later(self._read_timeout, _expire, waiter)
+        self._wait_began = loop.time()
+        if self._timer is None:
+            self._timer = loop.call_at(self._wait_began + self._read_timeout, self._check_timeout)
         try:
             await waiter
         finally:
-            timer.cancel()
             self._waiter = None
+
+    def _check_timeout(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # not waiting: the next wait arms it again
+        due = self._wait_began + self._read_timeout
+        loop = waiter.get_loop()
+        if loop.time() >= due:
+            waiter.set_exception(asyncio.TimeoutError())
+        else:  # armed by an earlier wait
+            self._timer = loop.call_at(due, self._check_timeout)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     async def _head(self) -> None:
         while not self._head_done:
@@ -275,11 +299,6 @@ class Response:
 
     async def __aexit__(self, *exc: object) -> None:
         self.close()
-
-
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(asyncio.TimeoutError())
 
 
 class _Connection(asyncio.Protocol):
