@@ -266,6 +266,25 @@ async def test_a_failing_body_source_loses_the_request() -> None:
             await client.close()
 
 
+async def test_a_server_closing_during_a_streamed_upload() -> None:
+    async def hangs_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        await reader.read(1000)
+
+    async def endless() -> AsyncIterator[bytes]:
+        while True:
+            yield b"x" * 65536
+            await asyncio.sleep(0.001)
+
+    async with raw_server(hangs_up) as (url, _):
+        client = _client()
+        try:
+            with pytest.raises(ConnectionLost, match="closed while sending"):
+                await asyncio.wait_for(client.request("POST", url, "/", (), endless()), 10)
+        finally:
+            await client.close()
+
+
 # ----- what servers do wrong, or die doing ----------------------------------------------
 async def test_connection_refused_is_a_connect_error() -> None:
     client = _client()

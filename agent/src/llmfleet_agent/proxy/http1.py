@@ -328,9 +328,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._end(exc)
-        drain, self._drain = self._drain, None
-        if drain is not None and not drain.done():
-            drain.set_exception(ConnectionLost(f"the connection closed while sending: {exc}"))
+        self.resume_writing()  # a sender waiting to write finds the connection closed
 
     def pause_writing(self) -> None:
         self._drain = asyncio.get_running_loop().create_future()
@@ -375,10 +373,10 @@ class _Connection(asyncio.Protocol):
             self.pool._closed(self)
 
     async def drain(self) -> None:
-        if self.closed:
-            raise ConnectionLost("the connection closed while sending")
         if self._drain is not None:
             await self._drain
+        if self.closed:
+            raise ConnectionLost("the connection closed while sending")
 
     async def send(self, head: bytes, body: Body, response: Response) -> None:
         """Write the request (its head ends with the line its body's framing needs)."""
@@ -398,7 +396,7 @@ class _Connection(asyncio.Protocol):
                 if chunk:
                     transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
                     await self.drain()
-        except asyncio.TimeoutError:  # the body's source stalled: the caller's to tell
+        except (asyncio.TimeoutError, UpstreamError):  # a stalled source is the caller's to tell
             raise
         except Exception as exc:  # the body's source or the connection failed: the request is lost
             raise ConnectionLost(f"cannot send the request body: {exc!r}") from exc
