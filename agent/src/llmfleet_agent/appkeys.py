@@ -17,6 +17,7 @@ from .login_throttle import LoginThrottle
 from .metrics import Metrics
 from .probes import ProbeSampler
 from .proxy.gate import Gate
+from .proxy.http1 import Client
 from .proxy.limits import KeyLimiter
 from .proxy.upstream import Upstream
 from .store import AuditRecord, Store
@@ -32,6 +33,8 @@ AUDIT = web.AppKey("audit", BatchWriter[AuditRecord])
 KEYRING = web.AppKey("keyring", KeyRing)
 ACTIVITY = web.AppKey("activity", Activity)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
+# the proxy's client for its hop upstream (proxy/http1.py): to Ollama on an agent, to the hosts on the gateway
+UPSTREAM_CLIENT = web.AppKey("upstream_client", Client)
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
 PROBES = web.AppKey("probes", ProbeSampler)
 USAGE = web.AppKey("usage", BatchWriter[UsageRecord])

@@ -6,15 +6,15 @@ from __future__ import annotations
 import ssl
 from collections.abc import AsyncIterator
 
-import aiohttp
 from aiohttp import web
 
 from ..app import base_app
-from ..appkeys import CONFIG, KNOWN_MODELS, SESSION, UPSTREAM
+from ..appkeys import CONFIG, KNOWN_MODELS, UPSTREAM, UPSTREAM_CLIENT
 from ..config import Config, ConfigError
 from ..credentials import CredentialError, read_credential
 from ..http_errors import add_routes
 from ..proxy.handler import add_proxy_routes
+from ..proxy.http1 import Client
 from ..proxy.routes import ROUTES
 from .fleet import Fleet
 from .routing import FLEET, SWEEPER, WAKER, GatewayUpstream, routes
@@ -37,12 +37,13 @@ async def _fleet_ctx(app: web.Application) -> AsyncIterator[None]:
         cafile=str(gateway.agent_ca_file) if gateway.agent_ca_file is not None else None
     )
     proxy = cfg.proxy
-    connector = aiohttp.TCPConnector(limit=proxy.max_connections, keepalive_timeout=30, ssl=context)
-    timeout = aiohttp.ClientTimeout(
-        total=None, sock_connect=proxy.connect_timeout, sock_read=proxy.read_timeout
+    client = Client(
+        limit=proxy.max_connections,
+        connect_timeout=proxy.connect_timeout,
+        read_timeout=proxy.read_timeout,
+        ssl_context=context,
     )
-    session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
-    app[SESSION] = session
+    app[UPSTREAM_CLIENT] = client
     fleet = Fleet(gateway, key, context)
     await fleet.start()
     app[FLEET] = fleet
@@ -65,7 +66,7 @@ async def _fleet_ctx(app: web.Application) -> AsyncIterator[None]:
     if waker is not None:
         await waker.stop()
     await fleet.stop()
-    await session.close()
+    await client.close()
 
 
 def create_gateway_app(cfg: Config) -> web.Application:

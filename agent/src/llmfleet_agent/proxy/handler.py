@@ -22,10 +22,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from multidict import CIMultiDict
 
 from ..access_control import GATEWAY_REQUEST_ID, GATEWAY_REQUEST_TS, request_key, requires
 from ..appkeys import (
@@ -38,9 +36,9 @@ from ..appkeys import (
     KNOWN_MODELS,
     LIMITER,
     METRICS,
-    SESSION,
     SUPERVISOR,
     UPSTREAM,
+    UPSTREAM_CLIENT,
     USAGE,
 )
 from ..frontend import MAX_USER, USER_HEADERS, request_user
@@ -53,6 +51,7 @@ from ..models import InvalidName, parse_name, recorded_model
 from ..store import AuditRecord
 from ..supervisor import State
 from ..usage import UsageRecord
+from . import http1
 from .gate import SHUTTING_DOWN
 from .observe import Counts, Observer, PassThrough, observer_for
 from .routes import Filter, Kind, RouteSpec
@@ -60,7 +59,7 @@ from .upstream import Target
 
 log = logging.getLogger("llmfleet.proxy")
 
-# never forwarded upstream: hop-by-hop headers, the client's credential, what aiohttp sets itself
+# never forwarded upstream: hop-by-hop headers, the client's credential, what the client sets itself
 _DROP_REQUEST = frozenset(
     {
         "connection",
@@ -98,7 +97,7 @@ _DROP_RESPONSE = frozenset(
     }
 )
 # reading from Ollama failed (writing to the client is wrapped apart: see _send)
-_UPSTREAM_ERRORS = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError)
+_UPSTREAM_ERRORS = (http1.UpstreamError, asyncio.TimeoutError)
 _UPSTREAM_TEXT = 4096  # how much of a plain-text error from Ollama is read
 
 
@@ -416,8 +415,13 @@ def _uncancel() -> None:
 
 
 # ----- forwarding ------------------------------------------------------------------
-def _upstream_headers(request: web.Request) -> CIMultiDict[str]:
-    return CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST)
+def _upstream_headers(request: web.Request, target: Target) -> list[tuple[str, str]]:
+    headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST]
+    if target.headers:  # the target's own replace the client's of the same names
+        names = {name.lower() for name in target.headers}
+        headers = [(k, v) for k, v in headers if k.lower() not in names]
+        headers.extend(target.headers.items())
+    return headers
 
 
 async def _paced(request: web.Request, ex: Exchange) -> AsyncIterator[bytes]:
@@ -441,23 +445,17 @@ async def _forward(
     was sent tries the next), and stream its answer back."""
     app = request.app
     cfg = app[CONFIG].proxy
-    data: Any = body if ex.spec.json_body else (_paced(request, ex) if ex.spec.streams_body else None)
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout, sock_read=cfg.read_timeout)
+    data: http1.Body = body if ex.spec.json_body else (_paced(request, ex) if ex.spec.streams_body else None)
+    client = app[UPSTREAM_CLIENT]
     for index, target in enumerate(targets):
-        headers = _upstream_headers(request)
-        headers.update(target.headers)
+        headers = _upstream_headers(request, target)
         ex.target = target
         target.attempt()
         try:
-            upstream_cm = app[SESSION].request(
-                request.method,
-                target.base_url + request.rel_url.raw_path_qs,
-                data=data,
-                headers=headers,
-                timeout=timeout,
-                allow_redirects=False,
+            upstream = await client.request(
+                request.method, target.base_url, request.rel_url.raw_path_qs, headers, data
             )
-            async with upstream_cm as upstream:
+            async with upstream:
                 target.connected()
                 ex.recorded_upstream = (
                     target.records and upstream.headers.get("X-Request-Id") == ex.request_id
@@ -470,7 +468,7 @@ async def _forward(
                 raise
             _uncancel()  # cut by the gate while Ollama had not answered yet
             raise Refused(503, f"{SHUTTING_DOWN}; retry on another host", reason="stopping") from None
-        except aiohttp.ClientConnectorError as exc:  # nothing was sent: the next target may take it
+        except http1.ConnectError as exc:  # nothing was sent: the next target may take it
             # the only failure that counts against a host: a slow answer is no fault of the host's
             target.failed(str(exc.os_error))
             if index + 1 < len(targets):
@@ -490,7 +488,7 @@ async def _forward(
             else:
                 message = f"{target.name} is not reachable: {exc.os_error}"
             raise Refused(503, message, retry, reason="unreachable") from None
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except _UPSTREAM_ERRORS as exc:
             if ex.status:  # the answer had started: _stream recorded it
                 raise
             if ex.body_timed_out:
@@ -520,7 +518,7 @@ async def _send(response: web.StreamResponse, data: bytes) -> None:
         raise _ClientGone from exc
 
 
-async def _stream(request: web.Request, ex: Exchange, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+async def _stream(request: web.Request, ex: Exchange, upstream: http1.Response) -> web.StreamResponse:
     content_type = upstream.headers.get("Content-Type", "")
     if upstream.status >= 400 and not content_type.startswith(("application/json", "text/event-stream")):
         return await _json_error_of(request, ex, upstream)
@@ -546,7 +544,7 @@ async def _stream(request: web.Request, ex: Exchange, upstream: aiohttp.ClientRe
         ex.ttfb = time.perf_counter()
         return response
     try:
-        async for chunk in upstream.content.iter_any():
+        async for chunk in upstream:
             if ex.ttfb is None:
                 ex.ttfb = time.perf_counter()
             out = observer.feed(chunk)
@@ -581,11 +579,9 @@ async def _stream(request: web.Request, ex: Exchange, upstream: aiohttp.ClientRe
     return response
 
 
-async def _json_error_of(
-    request: web.Request, ex: Exchange, upstream: aiohttp.ClientResponse
-) -> web.StreamResponse:
+async def _json_error_of(request: web.Request, ex: Exchange, upstream: http1.Response) -> web.StreamResponse:
     """An error Ollama answered in plain text (its router's `404 page not found`), as every error: JSON."""
-    text = (await upstream.content.read(_UPSTREAM_TEXT)).decode(errors="replace").strip()
+    text = (await upstream.read(_UPSTREAM_TEXT)).decode(errors="replace").strip()
     upstream.close()
     ex.ttfb = time.perf_counter()
     ex.status, ex.error = upstream.status, clip(text) or upstream.reason or str(upstream.status)
@@ -595,7 +591,7 @@ async def _json_error_of(
 
 
 def _client_gone(
-    request: web.Request, ex: Exchange, upstream: aiohttp.ClientResponse, response: web.StreamResponse
+    request: web.Request, ex: Exchange, upstream: http1.Response, response: web.StreamResponse
 ) -> web.StreamResponse:
     upstream.close()  # closing the upstream connection stops the generation
     ex.status, ex.error = 499, "client disconnected"
@@ -628,9 +624,9 @@ def _error_tail(content_type: str, message: str, status: int) -> bytes:
     return json.dumps({"error": message}).encode() + b"\n"
 
 
-async def _filtered(request: web.Request, ex: Exchange, upstream: aiohttp.ClientResponse) -> web.Response:
+async def _filtered(request: web.Request, ex: Exchange, upstream: http1.Response) -> web.Response:
     """A model list, cut down to the models the key may use."""
-    body = await upstream.json(content_type=None)
+    body = await upstream.json()
     ex.ttfb = time.perf_counter()
     patterns = ex.key.models
     if ex.spec.filter is Filter.TAGS:
