@@ -54,6 +54,7 @@ class EmulatedFleet:
         instance_type: str = "g5.xlarge",
         zone: str | None = None,
         overrides: dict[str, Any] | None = None,
+        disable_api_stop: bool = False,
     ) -> str:
         """A running instance whose agent boots `boot_seconds` later; its instance id."""
         config = {"ollama": {"models": models}, "auth": {"gateway_sources": ["127.0.0.1/32"]}}
@@ -79,6 +80,7 @@ class EmulatedFleet:
             "InstanceType": instance_type,
             "MinCount": 1,
             "MaxCount": 1,
+            "DisableApiStop": disable_api_stop,  # stop protection: StopInstances fails
             "TagSpecifications": [
                 {"ResourceType": "instance", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}
             ],

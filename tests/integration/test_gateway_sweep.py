@@ -110,3 +110,22 @@ def test_the_summary_goes_beside_the_store_and_prices_what_was_stopped(
         "usd_per_day": round(1.006 * 24, 2),
         "prices_unknown": [],
     }
+
+
+def test_a_host_whose_stop_fails_is_resumed_and_serves(fleet: EmulatedFleet, tmp_path: Path) -> None:
+    fleet.launch("guarded", ["tinyllama:latest"], idle_after="1s", disable_api_stop=True)
+    agent = fleet.agents.agents["guarded"]
+    wait_until(lambda: agent.readyz()[0] == 200, 60, "the agent to boot")
+    gateway = Gateway.of(fleet, tmp_path / "gateway", {"sweep": {"interval": "0.5s"}})
+    try:
+        last = wait_until(lambda: gateway.status()["sweep"]["last_stopped"], 30, "a sweep that tried a stop")
+        (host,) = last["hosts"]
+        assert host["outcome"] == "stop_failed", host
+        assert "stop failed" in host["reason"] and "was resumed" in host["reason"], host
+        assert fleet.state("guarded") == "running"
+        # resumed: not draining, and it serves through the gateway
+        assert agent.status()["idle"]["draining"] is False
+        code, answer, _headers = gateway.chat("tinyllama", timeout=60)
+        assert code == 200, answer
+    finally:
+        gateway.stop()

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from .fleet import Fleet, Host
 
 log = logging.getLogger("llmfleet.gateway")
 DRAIN_PATH, IDLE_PATH, RESUME_PATH = "/agent/drain", "/agent/idle", "/agent/resume"
+STOP_BACKOFF = 10  # sweeps a host whose stop failed is left out of
 
 
 class Sweeper:
@@ -39,6 +41,9 @@ class Sweeper:
         self.last_stopped: dict[str, Any] | None = None  # the last sweep that stopped a host (or failed to)
         self.last_error: str | None = None
         self._task: asyncio.Task[None] | None = None
+        # hosts whose stop failed (stop protection, a missing grant): left alone for STOP_BACKOFF sweeps, or
+        # each sweep would drain, fail to stop and resume them again, refusing their requests every time
+        self._stop_failed: dict[str, float] = {}
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="gateway-sweep")
@@ -66,7 +71,14 @@ class Sweeper:
         if self._fleet.last_error is not None:
             self.last_error = f"not swept: {self._fleet.last_error}"
             return None
-        hosts = {h.id: h for h in self._fleet.hosts.values() if h.state == "running"}
+        now = time.monotonic()
+        backoff = STOP_BACKOFF * self.cfg.interval
+        self._stop_failed = {i: t for i, t in self._stop_failed.items() if now - t < backoff}
+        hosts = {
+            h.id: h
+            for h in self._fleet.hosts.values()
+            if h.state == "running" and h.id not in self._stop_failed
+        }
         instances = [
             {
                 "instance_id": h.id,
@@ -83,6 +95,7 @@ class Sweeper:
         failures = dict(zip(drained, await asyncio.gather(*(self._stop(i) for i in drained)), strict=True))
         stopped = [i for i, failure in failures.items() if failure is None]
         failed = [i for i, failure in failures.items() if failure is not None]
+        self._stop_failed.update(dict.fromkeys(failed, time.monotonic()))
         resumed = list(await asyncio.gather(*(self._resume(hosts[i]) for i in failed)))
         stops = {"stop_success": stopped, "msg": "; ".join(f"{i}: {failures[i]}" for i in failed)}
         results = idle_rules.idle_outcomes(plan, {"agents": asked}, stops, {"agents": resumed})
