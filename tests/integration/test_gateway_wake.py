@@ -182,3 +182,46 @@ def test_a_request_for_a_host_being_stopped_wakes_it_once_it_has_stopped(
     assert fleet.state("gpu-a") == "running" and len(fleet.machine("gpu-a")["intervals"]) == 2
     (wake,) = wakes(gateway)
     assert wake["host"] == instance and wake["phase"] == "ready" and wake["tried"] == []
+
+
+def test_a_host_that_drained_unseen_sends_the_request_elsewhere_and_records_nothing(
+    fleet: EmulatedFleet, gateways: list[Gateway], tmp_path: Path
+) -> None:
+    """Another gateway's sweep drained a host this gateway still sees ready: the host refuses before any work,
+    the request goes to the next host with the model, and only that host records it."""
+    fleet.launch("gpu-a", [MODEL])
+    fleet.launch("gpu-b", [MODEL])
+    for name in ("gpu-a", "gpu-b"):
+        agent = fleet.agents.agents[name]
+        wait_until(lambda agent=agent: agent.readyz()[0] == 200, 60, f"{name}'s agent to boot")
+    # a look at the fleet a minute apart: this gateway does not see the drain
+    gateway = Gateway.of(
+        fleet, tmp_path / "gateway", {"refresh_interval": "60s", "sweep": {"enabled": False}}
+    )
+    gateways.append(gateway)
+    drained = fleet.agents.agents["gpu-a"]
+    code, body, _headers = drained.post("/agent/drain", {}, key=fleet.agents.operator_key)
+    assert code == 200 and body["draining"] is True, body
+
+    for _request in range(4):
+        code, answer, _headers = gateway.chat(MODEL, 60.0)
+        assert code == 200, answer
+
+    def refused(name: str) -> float:
+        code, text, _headers = fleet.agents.agents[name].get("/metrics", key=fleet.agents.operator_key)
+        assert code == 200
+        lines = [
+            line for line in str(text).splitlines() if line.startswith("llmfleet_refused_requests_total")
+        ]
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines if 'reason="draining"' in line)
+
+    def chats(name: str) -> int:
+        code, report = fleet.agents.request(
+            name, "GET", "/agent/usage?by=model&since=1h", key=fleet.agents.operator_key
+        )
+        assert code == 200, report
+        return sum(r["requests"] for r in report["rows"] if r["group"] != "-")
+
+    wait_until(lambda: chats("gpu-b") == 4, 10, "gpu-b's records of the four requests")
+    assert chats("gpu-a") == 0  # its refusals are not records: the request's one record is gpu-b's
+    assert refused("gpu-a") >= 1  # the gateway did try it (it comes first), and it refused

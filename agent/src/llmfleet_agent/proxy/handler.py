@@ -99,6 +99,9 @@ _DROP_RESPONSE = frozenset(
 # reading from Ollama failed (writing to the client is wrapped apart: see _send)
 _UPSTREAM_ERRORS = (http1.UpstreamError, asyncio.TimeoutError)
 _UPSTREAM_TEXT = 4096  # how much of a plain-text error from Ollama is read
+# an agent's refusal because its host is being stopped (draining, or shutting down), which took nothing:
+# the gateway sends the request elsewhere (gateway/routing.py)
+REFUSED_HEADER = "X-Llmfleet-Refused"
 
 
 @dataclass
@@ -383,12 +386,14 @@ async def _admit_and_forward(request: web.Request, ex: Exchange, body: bytes | N
         raise Refused(503, f"ollama is {supervisor.state.value}: {supervisor.reason}", retry)
     cut = gate.enter()
     if cut is None:
-        raise Refused(503, f"{SHUTTING_DOWN}; retry on another host", retry, reason="stopping")
+        refused = {**retry, REFUSED_HEADER: "stopping"}
+        raise Refused(503, f"{SHUTTING_DOWN}; retry on another host", refused, reason="stopping")
     activity = app[ACTIVITY]
     use = ex.spec.kind.counts_as_use  # reads neither keep the host awake nor are refused while draining
     if use and not activity.try_begin():
         gate.leave()
-        raise Refused(503, "draining: this host is about to stop; retry later", retry, reason="draining")
+        refused = {**retry, REFUSED_HEADER: "draining"}
+        raise Refused(503, "draining: this host is about to stop; retry later", refused, reason="draining")
     ex.cut = cut
     try:
         return await _forward(request, ex, body, [Target("ollama", supervisor.base_url)])
@@ -401,7 +406,13 @@ async def _admit_and_forward(request: web.Request, ex: Exchange, body: bytes | N
 def _refuse(request: web.Request, ex: Exchange, refused: Refused) -> web.Response:
     ex.status, ex.error = refused.status, refused.message
     request.app[METRICS].count_refusal(refused.reason or str(refused.status))
-    response = json_error(refused.status, refused.message, {**refused.headers, "X-Request-Id": ex.request_id})
+    headers = {**refused.headers, "X-Request-Id": ex.request_id}
+    if REFUSED_HEADER in refused.headers and GATEWAY_REQUEST_ID in request:
+        # a host being stopped refuses the gateway's request before any work: the gateway sends it to another
+        # host (or wakes this one again) and that host's answer is the request's one record, not this refusal
+        ex.recorded = True
+        del headers["X-Request-Id"]
+    response = json_error(refused.status, refused.message, headers)
     if refused.close:
         response.force_close()
     return response
@@ -456,6 +467,14 @@ async def _forward(
                 request.method, target.base_url, request.rel_url.raw_path_qs, headers, data
             )
             async with upstream:
+                if target.records and upstream.status == 503 and upstream.headers.get(REFUSED_HEADER):
+                    # a host of the fleet being stopped took nothing: as with a refused connection, the
+                    # next host (or, after the gateway's look again, a wake) takes the request
+                    if index + 1 < len(targets):
+                        continue
+                    retry = {"Retry-After": str(math.ceil(cfg.retry_after))}
+                    message = "no host with the model answered; retry later"
+                    raise Refused(503, message, retry, reason="unreachable")
                 target.connected()
                 ex.recorded_upstream = (
                     target.records and upstream.headers.get("X-Request-Id") == ex.request_id
