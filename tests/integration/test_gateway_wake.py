@@ -11,8 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import ollama
 import pytest
-from agent_fleet import AGENT, wait_until
+from agent_fleet import AGENT, bearer, wait_until
 from conftest import client_factory
 from emulated_fleet import EmulatedFleet, Gateway
 from emulators import running_emulator
@@ -62,8 +63,15 @@ def test_twenty_concurrent_requests_for_a_stopped_hosts_model_are_all_answered_a
     instance = fleet.instances["gpu-a"]
     wait_until(lambda: gateway.status()["hosts"], 10, "the gateway to find the hosts")
 
+    def streamed() -> list[dict[str, Any]]:
+        """One of the twenty streamed, with the official ollama client: held, then the whole stream."""
+        client = ollama.Client(host=gateway.url, headers=bearer(fleet.agents.user_key), timeout=120)
+        messages = [{"role": "user", "content": "one two three"}]
+        return [dict(part) for part in client.chat(model=MODEL, messages=messages, stream=True)]
+
     with ThreadPoolExecutor(max_workers=20) as pool:
-        answers = [pool.submit(gateway.chat, MODEL, 120.0) for _request in range(20)]
+        answers = [pool.submit(gateway.chat, MODEL, 120.0) for _request in range(19)]
+        stream = pool.submit(streamed)
         # held while the host starts: the status shows the wake and its phase
         wake = wait_until(
             lambda: next((w for w in wakes(gateway) if w["phase"] != "ready" and w["waiting"]), None),
@@ -73,7 +81,9 @@ def test_twenty_concurrent_requests_for_a_stopped_hosts_model_are_all_answered_a
         assert wake["host"] == instance and wake["model"] == MODEL
         assert wake["phase"] in ("starting", "booting", "loading model")
         results = [a.result(timeout=120) for a in answers]
-    assert [code for code, _body, _headers in results] == [200] * 20, results
+        parts = stream.result(timeout=120)
+    assert [code for code, _body, _headers in results] == [200] * 19, results
+    assert parts[-1]["done"] is True and all(not p["done"] for p in parts[:-1]) and len(parts) > 1
     assert all(MODEL in body["model"] for _code, body, _headers in results)
     (done,) = [w for w in wakes(gateway) if w["host"] == instance]
     assert done["phase"] == "ready" and done["error"] is None
