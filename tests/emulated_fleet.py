@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import subprocess
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -197,3 +199,24 @@ class Gateway:
 
     def stop(self) -> None:
         self.proc.stop()
+
+
+@contextlib.contextmanager
+def running_fleet(tmp_path_factory: Any, directory: Path, deployment: str) -> Iterator[EmulatedFleet]:
+    """A fleet in a new, empty emulator of its own, with a gateway key on every host, while the block runs."""
+    import boto3
+    from emulators import running_emulator
+
+    with running_emulator(tmp_path_factory) as endpoint:
+        ec2 = boto3.client(
+            "ec2",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+        made = EmulatedFleet(endpoint, ec2, directory, deployment, "llmf_" + secrets.token_urlsafe(32))
+        try:
+            yield made
+        finally:
+            made.stop()

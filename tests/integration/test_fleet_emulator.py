@@ -12,21 +12,15 @@ from pathlib import Path
 import pytest
 from agent_fleet import http, wait_until
 from botocore.exceptions import ClientError
-from conftest import client_factory
-from emulated_fleet import EmulatedFleet
-from emulators import running_emulator
+from emulated_fleet import EmulatedFleet, running_fleet
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def fleet(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> Iterator[EmulatedFleet]:
-    with running_emulator(tmp_path_factory) as endpoint:
-        made = EmulatedFleet(endpoint, client_factory(endpoint)("ec2"), tmp_path, "fleettest")
-        try:
-            yield made
-        finally:
-            made.stop()
+    with running_fleet(tmp_path_factory, tmp_path, "fleettest") as made:
+        yield made
 
 
 def answers(url: str) -> bool:

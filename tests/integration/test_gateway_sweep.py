@@ -6,15 +6,12 @@ agent only while its instance runs."""
 from __future__ import annotations
 
 import json
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from agent_fleet import wait_until
-from conftest import client_factory
-from emulated_fleet import EmulatedFleet, Gateway
-from emulators import running_emulator
+from emulated_fleet import EmulatedFleet, Gateway, running_fleet
 from support import Stream
 
 pytestmark = pytest.mark.slow
@@ -25,14 +22,8 @@ SLOW_SIM = {"ollama": {"env": {"LLMFLEET_SIM_TOKEN_DELAY": "0.05"}}}
 
 @pytest.fixture
 def fleet(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> Iterator[EmulatedFleet]:
-    with running_emulator(tmp_path_factory) as endpoint:
-        gateway_key = "llmf_" + secrets.token_urlsafe(32)
-        ec2 = client_factory(endpoint)("ec2")
-        made = EmulatedFleet(endpoint, ec2, tmp_path / "fleet", "sweeptest", gateway_key)
-        try:
-            yield made
-        finally:
-            made.stop()
+    with running_fleet(tmp_path_factory, tmp_path / "fleet", "sweeptest") as made:
+        yield made
 
 
 def test_the_gateway_stops_the_idle_host_never_the_busy_one_and_wakes_it_again(

@@ -4,7 +4,6 @@ instance runs, after a boot delay, as on AWS."""
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,9 +13,7 @@ from typing import Any
 import ollama
 import pytest
 from agent_fleet import AGENT, bearer, wait_until
-from conftest import client_factory
-from emulated_fleet import EmulatedFleet, Gateway
-from emulators import running_emulator
+from emulated_fleet import EmulatedFleet, Gateway, running_fleet
 
 pytestmark = pytest.mark.slow
 
@@ -25,14 +22,8 @@ MODEL = "tinyllama:latest"
 
 @pytest.fixture
 def fleet(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> Iterator[EmulatedFleet]:
-    with running_emulator(tmp_path_factory) as endpoint:
-        gateway_key = "llmf_" + secrets.token_urlsafe(32)
-        ec2 = client_factory(endpoint)("ec2")
-        made = EmulatedFleet(endpoint, ec2, tmp_path / "fleet", "waketest", gateway_key)
-        try:
-            yield made
-        finally:
-            made.stop()
+    with running_fleet(tmp_path_factory, tmp_path / "fleet", "waketest") as made:
+        yield made
 
 
 @pytest.fixture
