@@ -180,6 +180,12 @@ class Fleet:
         code, answer, _headers = http(method, handle.url + path, body, headers)
         return code, answer
 
+    def inference_records(self, name: str) -> int:
+        """How many inference requests the agent recorded in the last hour (its usage report by model)."""
+        code, report = self.request(name, "GET", "/agent/usage?by=model&since=1h", key=self.operator_key)
+        assert code == 200, report
+        return sum(r["requests"] for r in report["rows"] if r["group"] != "-")
+
     def idle(self, name: str) -> dict[str, Any]:
         code, body = self.request(name, "GET", "/agent/idle", key=self.operator_key)
         assert code == 200, body

@@ -103,18 +103,11 @@ def test_the_gateway_finds_the_fleet_in_ec2_and_never_routes_to_a_stopped_host(s
     assert setup.hosts()[a]["models"] == ["tinyllama:latest"] and setup.hosts()[b]["models"] == ["qwen2:0.5b"]
     assert setup.chat("tinyllama")[0] == 200 and setup.chat("qwen2:0.5b")[0] == 200
 
-    def chats_on(name: str) -> int:
-        code, body = setup.fleet.request(
-            name, "GET", "/agent/usage?by=model&since=1h", key=setup.fleet.operator_key
-        )
-        assert code == 200, body
-        return sum(r["requests"] for r in body["rows"] if r["group"] != "-")
-
-    wait_until(lambda: chats_on("gpu-b") == 1, 10, "gpu-b's record of its request")
+    wait_until(lambda: setup.fleet.inference_records("gpu-b") == 1, 10, "gpu-b's record of its request")
     setup.ec2.stop_instances(InstanceIds=[b])
     wait_until(lambda: setup.hosts()[b]["state"] == "stopped", 15, "the gateway to see gpu-b stopped")
     code, body = setup.chat("qwen2:0.5b")
     assert code == 503 and "qwen2:0.5b" in body["error"], body
     assert setup.hosts()[b]["ready"] is False and "stopped" in setup.hosts()[b]["reasons"][0]
-    assert chats_on("gpu-b") == 1  # its agent still answers, but got nothing
+    assert setup.fleet.inference_records("gpu-b") == 1  # its agent still answers, but got nothing
     assert setup.chat("tinyllama")[0] == 200

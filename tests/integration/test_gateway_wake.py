@@ -216,13 +216,10 @@ def test_a_host_that_drained_unseen_sends_the_request_elsewhere_and_records_noth
         ]
         return sum(float(line.rsplit(" ", 1)[1]) for line in lines if 'reason="draining"' in line)
 
-    def chats(name: str) -> int:
-        code, report = fleet.agents.request(
-            name, "GET", "/agent/usage?by=model&since=1h", key=fleet.agents.operator_key
-        )
-        assert code == 200, report
-        return sum(r["requests"] for r in report["rows"] if r["group"] != "-")
-
-    wait_until(lambda: chats("gpu-b") == 4, 10, "gpu-b's records of the four requests")
-    assert chats("gpu-a") == 0  # its refusals are not records: the request's one record is gpu-b's
+    wait_until(
+        lambda: fleet.agents.inference_records("gpu-b") == 4, 10, "gpu-b's records of the four requests"
+    )
+    assert (
+        fleet.agents.inference_records("gpu-a") == 0
+    )  # its refusals are not records: the request's one record is gpu-b's
     assert refused("gpu-a") >= 1  # the gateway did try it (it comes first), and it refused
