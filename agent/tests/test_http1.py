@@ -16,7 +16,7 @@ from aiohttp import web
 from postgres import make_ca_and_cert
 from support import Proc, free_port, http, wait_until
 
-from llmfleet_agent.proxy.http1 import Client, ConnectError, ConnectionLost, UpstreamError
+from llmfleet_agent.proxy.http1 import Client, ConnectError, ConnectionLost, Response, UpstreamError
 
 SIM = Path(sys.executable).parent / "llmfleet-ollama-sim"
 CHAT = {"model": "tinyllama", "messages": [{"role": "user", "content": "one two three four five six"}]}
@@ -423,3 +423,40 @@ async def test_a_malformed_answer_is_an_upstream_error() -> None:
                 await client.request("GET", url, "/")
         finally:
             await client.close()
+
+
+async def test_pieces_that_came_together_are_taken_together() -> None:
+    """What has come goes on as one piece (one write for the proxy, one wake-up for its client), and the
+    answer says when its last bytes were taken, so that the proxy sends them with the end."""
+    sent_rest = asyncio.Event()
+
+    async def stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        writer.write(head + b"2\r\nab\r\n2\r\ncd\r\n2\r\nef\r\n")  # three pieces in one write
+        await writer.drain()
+        await sent_rest.wait()
+        writer.write(b"1\r\ng\r\n0\r\n\r\n")  # the last piece and the end
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    async with raw_server(stream) as (url, _):
+        client = _client()
+        try:
+            async with await client.request("GET", url, "/") as response:
+                await wait_for_bytes(response, 6)
+                assert await response.next_chunk() == b"abcdef" and not response.ended
+                sent_rest.set()
+                assert await response.next_chunk() == b"g"
+                assert response.ended and await response.next_chunk() == b""
+            assert client.idle_connections == 1
+        finally:
+            await client.close()
+
+
+async def wait_for_bytes(response: Response, size: int) -> None:
+    """Until `size` bytes of the answer's body have come (the answer's own count of them)."""
+    deadline = asyncio.get_running_loop().time() + 5
+    while response._buffered < size:
+        assert asyncio.get_running_loop().time() < deadline, "the pieces did not come"
+        await asyncio.sleep(0.01)

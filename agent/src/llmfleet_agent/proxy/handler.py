@@ -529,6 +529,15 @@ async def _forward(
     raise Refused(503, "no host to send the request to", {"Retry-After": str(math.ceil(cfg.retry_after))})
 
 
+class _Answer(web.StreamResponse):
+    """The upstream's answer passed on. Its head goes out with its first bytes, in one write (as a Response
+    does): a reader woken once, not twice, and a write less. Nothing waits on it: the upstream's head and
+    first bytes come together (Ollama sends its head with its first flush), and an answer without a body
+    sends its head at its end."""
+
+    _send_headers_immediately = False
+
+
 async def _send(response: web.StreamResponse, data: bytes) -> None:
     """Write to the client; _ClientGone when it went away (never confused with Ollama's errors)."""
     try:
@@ -547,7 +556,7 @@ async def _stream(request: web.Request, ex: Exchange, upstream: http1.Response) 
         else PassThrough()
     )
     ex.counts = observer.counts  # filled as the answer streams: a cut answer is charged what it gave
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    response = _Answer(status=upstream.status, reason=upstream.reason)
     for name, value in upstream.headers.items():
         if name.lower() not in _DROP_RESPONSE:
             response.headers.add(name, value)
@@ -562,16 +571,18 @@ async def _stream(request: web.Request, ex: Exchange, upstream: http1.Response) 
     if request.method == "HEAD":
         ex.ttfb = time.perf_counter()
         return response
+    last = b""
     try:
-        async for chunk in upstream:
+        while chunk := await upstream.next_chunk():
             if ex.ttfb is None:
                 ex.ttfb = time.perf_counter()
             out = observer.feed(chunk)
+            if upstream.ended:  # the answer's last bytes: they go with its end, in one write
+                last = out
+                break
             if out:
                 await _send(response, out)
-        tail = observer.finish()
-        if tail:
-            await _send(response, tail)
+        last += observer.finish()
     except _ClientGone:
         return _client_gone(request, ex, upstream, response)
     except asyncio.CancelledError:
@@ -593,8 +604,8 @@ async def _stream(request: web.Request, ex: Exchange, upstream: http1.Response) 
     if ex.counts.error and ex.error is None:
         ex.error = ex.counts.error
     _record(request.app, ex)  # before the end reaches the client: a stop right after loses nothing
-    with contextlib.suppress(ConnectionError):  # the client has the answer but its end; the record stands
-        await response.write_eof()
+    with contextlib.suppress(ConnectionError):  # the client went at the last write; the record stands
+        await response.write_eof(last)
     return response
 
 

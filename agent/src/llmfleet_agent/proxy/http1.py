@@ -29,8 +29,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 Body = bytes | AsyncIterable[bytes] | None
 
-_HIGH_WATER = 512 * 1024  # unread answer bytes at which reading from the socket pauses
-_LOW_WATER = 128 * 1024  # ... and at which it resumes
+_HIGH_WATER = 512 * 1024  # unread answer bytes at which reading from the socket pauses (until they are taken)
 _ONE_WRITE = 64 * 1024  # a body up to this size goes out with the request's head, in one write
 # methods whose request without a body says nothing of one (any other says Content-Length: 0)
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE", "CONNECT"})
@@ -240,14 +239,22 @@ class Response:
             await self._wait()
 
     def _take(self) -> bytes:
-        chunk = self._chunks.popleft()
-        self._buffered -= len(chunk)
-        if self._buffered < _LOW_WATER and self._conn is not None:
+        chunks = self._chunks
+        chunk = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        if self._conn is not None:
             self._conn.resume_reading()
         return chunk
 
+    @property
+    def ended(self) -> bool:
+        """All of the body has come and been taken: the next piece is b""."""
+        return self._complete and not self._chunks and self._error is None
+
     async def next_chunk(self) -> bytes:
-        """The next piece of the body as it came (b"" at its end)."""
+        """All of the body that has come and was not taken yet, as soon as there is some (b"" at its end):
+        pieces that came together go on together."""
         while True:
             if self._chunks:
                 return self._take()
