@@ -30,19 +30,18 @@ class JsonFormatter(logging.Formatter):
             self._second, self._prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         return f"{self._prefix}.{int((created - second) * 1000):03d}Z"
 
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "ts": self._timestamp(record.created),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        fields = getattr(record, _RESERVED, None)
-        if isinstance(fields, dict):
+    def line(self, created: float, level: str, logger: str, msg: str, fields: dict[str, Any] | None) -> str:
+        entry: dict[str, Any] = {"ts": self._timestamp(created), "level": level, "logger": logger, "msg": msg}
+        if fields:
             entry.update(fields)
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
         return _dumps(entry)
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, _RESERVED, None)
+        fields = fields if isinstance(fields, dict) else None
+        if record.exc_info:
+            fields = {**(fields or {}), "exception": self.formatException(record.exc_info)}
+        return self.line(record.created, record.levelname.lower(), record.name, record.getMessage(), fields)
 
 
 class TextFormatter(logging.Formatter):
@@ -57,11 +56,34 @@ class TextFormatter(logging.Formatter):
         return text
 
 
+class _Direct:
+    """The JSON handler that setup_logging installed. `event` writes its line to it itself while it is the
+    root logger's only handler and nothing on the way (a logger's handler or filter, the handler's filter)
+    would see the record: the same line as through `logging`, without a LogRecord and the walk through the
+    loggers (the access log writes one line a request). Anything else goes through `logging` (a test's
+    capture, a handler added later, the text format)."""
+
+    handler: logging.StreamHandler | None = None  # type: ignore[type-arg]
+    formatter: JsonFormatter | None = None
+
+
+def _only_to(handler: logging.Handler, logger: logging.Logger) -> bool:
+    node: logging.Logger | None = logger
+    while node is not None and node is not logging.root:
+        if node.handlers or node.filters or not node.propagate:
+            return False
+        node = node.parent
+    return node is logging.root and node.handlers == [handler] and not node.filters and not handler.filters
+
+
 def setup_logging(level: str = "info", fmt: str = "json") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    formatter = JsonFormatter() if fmt == "json" else TextFormatter()
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    _Direct.handler = handler if isinstance(formatter, JsonFormatter) else None
+    _Direct.formatter = formatter if isinstance(formatter, JsonFormatter) else None
     root.setLevel(level.upper())
     # neither formatter shows the thread or the process: not collecting them makes every record cheaper
     # (the logging HOWTO's "Optimization")
@@ -83,7 +105,24 @@ def event(logger: logging.Logger, level: int, msg: str, **fields: Any) -> None:
     """Log `msg` with structured fields.
 
     The record is made directly, without looking up the calling function and line (`Logger.log` walks
-    the stack for them): no formatter shows them, and the access log makes one record per request."""
-    if logger.isEnabledFor(level):
-        extra = {_RESERVED: fields}
-        logger.handle(logger.makeRecord(logger.name, level, _NO_CALLER, 0, msg, (), None, extra=extra))
+    the stack for them): no formatter shows them, and the access log makes one record per request. With
+    the JSON format, the line is written without a record (`_Direct`)."""
+    if not logger.isEnabledFor(level):
+        return
+    handler, formatter = _Direct.handler, _Direct.formatter
+    if handler is not None and formatter is not None and level >= handler.level and _only_to(handler, logger):
+        line = formatter.line(time.time(), logging.getLevelName(level).lower(), logger.name, msg, fields)
+        handler.acquire()
+        try:
+            handler.stream.write(line + handler.terminator)
+            handler.flush()
+        except Exception:  # as logging does: said on stderr, never raised at the caller
+            handler.handleError(_record(logger, level, msg, fields))
+        finally:
+            handler.release()
+        return
+    logger.handle(_record(logger, level, msg, fields))
+
+
+def _record(logger: logging.Logger, level: int, msg: str, fields: dict[str, Any]) -> logging.LogRecord:
+    return logger.makeRecord(logger.name, level, _NO_CALLER, 0, msg, (), None, extra={_RESERVED: fields})

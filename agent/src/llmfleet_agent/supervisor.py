@@ -309,13 +309,14 @@ class Supervisor:
             return
         fields = {"fields": {"stream": name}}
         while line := await stream.readline():
-            text = line.decode(errors="replace").rstrip()
-            if not text:
-                continue
             # Ollama's per-request lines ("[GIN] ...") repeat the agent's own access log: debug level, so
-            # they cost nothing unless asked for
-            level = logging.DEBUG if text.startswith("[GIN]") else logging.INFO
-            child_log.log(level, "ollama: %s", text, extra=fields)
+            # they cost next to nothing unless asked for
+            level = logging.DEBUG if line.startswith(b"[GIN]") else logging.INFO
+            if not child_log.isEnabledFor(level):
+                continue
+            text = line.decode(errors="replace").rstrip()
+            if text:
+                child_log.log(level, "ollama: %s", text, extra=fields)
 
     # ----- while RUNNING ----------------------------------------------------------------------------
     async def _watch_health(self, proc: asyncio.subprocess.Process) -> None:

@@ -1,0 +1,86 @@
+"""The log lines: one JSON object a line, the same whether `event` writes it itself or through `logging`."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from llmfleet_agent.logs import event, setup_logging
+
+
+@pytest.fixture
+def json_logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], io.StringIO]]:
+    """setup_logging("info", "json") on a buffer as stderr, called in the test itself (pytest sets stderr
+    and the root's handlers anew for each phase of a test); the root logger as it was afterwards."""
+
+    def setup() -> io.StringIO:
+        stream = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", stream)
+        setup_logging("info", "json")
+        return stream
+
+    saved = logging.root.handlers[:], logging.root.level
+    try:
+        yield setup
+    finally:
+        logging.root.handlers[:] = saved[0]
+        logging.root.setLevel(saved[1])
+
+
+def made_records(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The messages of the LogRecords made from now on."""
+    made: list[str] = []
+    original = logging.Logger.makeRecord
+
+    def counting(self: logging.Logger, *args: object, **kwargs: object) -> logging.LogRecord:
+        record = original(self, *args, **kwargs)  # type: ignore[arg-type]
+        made.append(record.getMessage())
+        return record
+
+    monkeypatch.setattr(logging.Logger, "makeRecord", counting)
+    return made
+
+
+def test_the_direct_line_is_the_line_logging_writes(
+    json_logs: Callable[[], io.StringIO], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stderr = json_logs()
+    made = made_records(monkeypatch)
+    log = logging.getLogger("llmfleet.test_logs")
+    fields = {"method": "POST", "path": "/api/chat", "status": 200, "remote": None, "ms": 0.5}
+    event(log, logging.INFO, "POST /api/chat 200", **fields)
+    assert made == []  # written without a record
+    log.addFilter(lambda record: True)  # something on the way sees records: through logging
+    try:
+        event(log, logging.INFO, "POST /api/chat 200", **fields)
+    finally:
+        log.filters.clear()
+    assert made == ["POST /api/chat 200"]
+    event(log, logging.DEBUG, "below the level")
+    direct, through = (json.loads(line) for line in stderr.getvalue().splitlines())
+    assert direct.pop("ts")[:16] == through.pop("ts")[:16]
+    assert list(direct.items()) == list(through.items())  # the same members, in the same order
+    assert direct == {"level": "info", "logger": "llmfleet.test_logs", "msg": "POST /api/chat 200", **fields}
+
+
+def test_a_handler_added_later_sees_every_line(json_logs: Callable[[], io.StringIO]) -> None:
+    seen: list[logging.LogRecord] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    stderr = json_logs()
+    capture = Capture()
+    logging.root.addHandler(capture)
+    try:
+        event(logging.getLogger("llmfleet.test_logs"), logging.WARNING, "seen twice", n=1)
+    finally:
+        logging.root.removeHandler(capture)
+    assert [(r.getMessage(), r.fields) for r in seen] == [("seen twice", {"n": 1})]  # type: ignore[attr-defined]
+    assert json.loads(stderr.getvalue())["msg"] == "seen twice"
