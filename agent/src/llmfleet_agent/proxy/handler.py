@@ -603,7 +603,8 @@ async def _stream(request: web.Request, ex: Exchange, upstream: http1.Response) 
     ex.counts = observer.counts
     if ex.counts.error and ex.error is None:
         ex.error = ex.counts.error
-    _record(request.app, ex)  # before the end reaches the client: a stop right after loses nothing
+    if not ex.recorded_upstream:  # else the host has the record, and the metrics wait for the end (proxy)
+        _record(request.app, ex)  # before the end reaches the client: a stop right after loses nothing
     with contextlib.suppress(ConnectionError):  # the client went at the last write; the record stands
         await response.write_eof(last)
     return response
