@@ -108,6 +108,13 @@ async def test_upgrade_from_the_previous_version_keeps_records_and_rolls_them_up
                 " 200, false, 2, 3, 1.0 FROM generate_series(1, 50) g",
                 now,
             )
+            if await conn.fetchval("SELECT to_regclass('usage_daily') IS NOT NULL"):
+                # under these schemas an agent's insert adds the roll-ups too (llmfleet_add_usage); rows
+                # put in directly are rolled up as a bulk load is (the records may span midnight)
+                await conn.execute(
+                    "SELECT llmfleet_rebuild_usage_daily((now() AT TIME ZONE 'UTC')::date - 1,"
+                    " (now() AT TIME ZONE 'UTC')::date)"
+                )
             await conn.execute(
                 "INSERT INTO keys (id, name, role, hash, created) VALUES ('k-old', 'old', 'user', 'h', 1)"
             )
