@@ -14,7 +14,6 @@ checked), not 401. With a shared (remote) store the last key set is also kept in
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -30,6 +29,7 @@ from .keys import ID_LENGTH, KeyRecord, hash_secret
 from .logs import event
 from .roles import Role
 from .store import AuditRecord, Store
+from .tasks import cancel
 
 log = logging.getLogger("llmfleet.auth")
 
@@ -134,10 +134,7 @@ class KeyRing:
         self._task = asyncio.create_task(self._loop(), name="key-refresh")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel(self._task)
         self._failures.flush()
         await self._flush_used()
 

@@ -20,6 +20,7 @@ from typing import Any, Generic, TypeVar
 
 from .logs import clip, event
 from .spool import Spool
+from .tasks import cancel
 
 log = logging.getLogger("llmfleet.batching")
 
@@ -241,10 +242,7 @@ class BatchWriter(Generic[T]):
 
     async def close(self) -> None:
         """Stop the loop; write what is left to the store, else to the spool (for the next start)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel(self._task)
         if self.spool is None:
             if not await self.flush():
                 event(

@@ -17,7 +17,6 @@ of one host (SQLite) is read once, at start: there are no other agents.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -28,6 +27,7 @@ from .periods import day_of as _day
 from .periods import month_of as _month
 from .periods import start
 from .store import BudgetUse, Store
+from .tasks import cancel
 
 log = logging.getLogger("llmfleet.budgets")
 PAST_REFRESH = 300.0
@@ -100,10 +100,7 @@ class Ledger:
             self._task = asyncio.create_task(self._loop(), name="budget-ledger")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel(self._task)
 
     def add(self, person: str, at: float, tokens: int) -> None:
         """A request of `person` that arrived at `at` ended, having used `tokens`."""

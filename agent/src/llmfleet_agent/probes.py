@@ -20,6 +20,7 @@ from typing import Any, Literal, Protocol
 import psutil
 
 from .logs import event
+from .tasks import cancel
 
 log = logging.getLogger("llmfleet.probes")
 
@@ -213,10 +214,7 @@ class ProbeSampler:
         self._task = asyncio.create_task(self._loop(), name="probe-sampler")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel(self._task)
         for probe in self.probes:
             close = getattr(probe, "close", None)
             if close is not None:

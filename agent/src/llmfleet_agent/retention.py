@@ -5,13 +5,13 @@ instead). A store that fails is logged and tried again the next hour."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
 from .config import StoreConfig
 from .logs import event
 from .store import Store
+from .tasks import cancel
 
 log = logging.getLogger("llmfleet.retention")
 
@@ -53,7 +53,4 @@ class Pruner:
         self._task = asyncio.create_task(self._loop(), name="prune-records")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel(self._task)

@@ -16,7 +16,6 @@ When the directory does not answer nothing changes: the keys keep working until 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -28,6 +27,7 @@ from .entitlements import Grant, grant_for, narrowed
 from .keys import KeyRecord
 from .logs import event
 from .store import AuditRecord, Store
+from .tasks import cancel
 
 log = logging.getLogger("llmfleet.revalidation")
 LEASE = "ldap-revalidate"
@@ -53,10 +53,7 @@ class Revalidator:
         self._task = asyncio.create_task(self._loop(), name="ldap-revalidate")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel(self._task)
 
     async def _loop(self) -> None:
         while True:

@@ -8,7 +8,6 @@ no traffic for `eject_for` seconds.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 import time
@@ -20,6 +19,7 @@ import aiohttp
 from ..config import GatewayConfig
 from ..logs import clip, event
 from ..models import InvalidName, parse_name
+from ..tasks import cancel
 from .ec2 import Ec2, Instance
 
 log = logging.getLogger("llmfleet.gateway")
@@ -98,10 +98,7 @@ class Fleet:
         self._task = asyncio.create_task(self._loop(), name="gateway-fleet")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel(self._task)
         await self._session.close()
 
     async def _loop(self) -> None:

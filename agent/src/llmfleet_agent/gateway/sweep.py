@@ -13,7 +13,6 @@ stopped hosts save) is written as JSON and shown in `GET /gateway/status`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -23,6 +22,7 @@ from typing import Any
 from .. import idle_rules
 from ..config import SweepConfig
 from ..logs import clip, event
+from ..tasks import cancel
 from .ec2 import StopRefused
 from .fleet import Fleet, Host
 
@@ -49,10 +49,7 @@ class Sweeper:
         self._task = asyncio.create_task(self._loop(), name="gateway-sweep")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel(self._task)
 
     async def _loop(self) -> None:
         while True:

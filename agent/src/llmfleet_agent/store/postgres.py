@@ -9,7 +9,6 @@ were new. Reports read roll-ups for whole days and raw rows only for the partial
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import ssl
@@ -25,6 +24,7 @@ from ..credentials import CredentialError, read_credential
 from ..keys import KEY_COLUMNS, KeyRecord, key_from_row, key_to_row
 from ..logs import event
 from ..roles import Role
+from ..tasks import cancel
 from ..usage import UsageRecord
 from . import migrations
 from .base import AuditRecord, BudgetUse, UsageSummary
@@ -282,10 +282,7 @@ class PostgresStore:
         )
 
     async def close(self) -> None:
-        if self._checker is not None:
-            self._checker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._checker
+        await cancel(self._checker)
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
