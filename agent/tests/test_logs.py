@@ -84,3 +84,9 @@ def test_a_handler_added_later_sees_every_line(json_logs: Callable[[], io.String
         logging.root.removeHandler(capture)
     assert [(r.getMessage(), r.fields) for r in seen] == [("seen twice", {"n": 1})]  # type: ignore[attr-defined]
     assert json.loads(stderr.getvalue())["msg"] == "seen twice"
+
+
+def test_a_field_that_cannot_be_written_is_said_not_raised(json_logs: Callable[[], io.StringIO]) -> None:
+    stderr = json_logs()
+    event(logging.getLogger("llmfleet.test_logs"), logging.INFO, "odd", pair={(1, 2): "a tuple as a key"})
+    assert "--- Logging error ---" in stderr.getvalue()  # as logging says it, and the caller goes on

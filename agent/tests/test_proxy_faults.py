@@ -294,6 +294,44 @@ def test_clients_that_go_away_are_499_never_ollamas_fault(make_agent) -> None:  
     assert "Traceback" not in log and "unhandled error" not in log and "mid-answer" not in log
 
 
+def test_a_client_gone_before_the_end_of_a_large_answer_is_499(make_agent) -> None:  # type: ignore[no-untyped-def]
+    """The answer's last bytes go with its end, in one write: a client that leaves while that write is
+    still under way (a large unstreamed answer to a slow reader) did not get the answer, and its record
+    says so."""
+    agent: AgentHandle = make_agent({"ollama": {"env": {"LLMFLEET_SIM_TOKEN_DELAY": "0"}}})
+    agent.start().wait_ready()
+    key = agent.key("user")
+    port = agent.config["listen"]["port"]
+    # 20,000 inputs: about 13 MiB of embeddings in one JSON answer with a Content-Length, more than the
+    # kernel's socket buffers take (then the agent's last write waits for the reader)
+    payload = json.dumps({"model": "tinyllama", "input": [f"w{i}" for i in range(20000)]}).encode()
+    for i in range(2):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", port))
+        head = (
+            f"POST /api/embed HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+        )
+        sock.sendall(head.encode() + payload)
+        got = b""
+        while len(got) < 256 * 1024:  # a slow reader: a quarter of a MiB, then it leaves
+            chunk = sock.recv(16384)
+            assert chunk, "the agent closed the connection"
+            got += chunk
+            time.sleep(0.002)
+        assert got.startswith(b"HTTP/1.1 200")
+        if i % 2:  # a reset; else a FIN, with bytes still on their way to it
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+    wait_until(lambda: len(usage_rows(agent)) >= 2, 10, "a record for each request")
+    rows = usage_rows(agent)
+    assert [(r["route"], r["status"], r["error"]) for r in rows] == [
+        ("/api/embed", 499, "client disconnected")
+    ] * 2
+
+
 def test_sigterm_gives_one_grace_then_ends_streams_with_their_own_error(make_agent) -> None:  # type: ignore[no-untyped-def]
     grace = 2.0
     agent: AgentHandle = make_agent({**SLOW, "listen": {"shutdown_timeout": grace}})

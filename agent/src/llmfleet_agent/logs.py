@@ -111,9 +111,10 @@ def event(logger: logging.Logger, level: int, msg: str, **fields: Any) -> None:
         return
     handler, formatter = _Direct.handler, _Direct.formatter
     if handler is not None and formatter is not None and level >= handler.level and _only_to(handler, logger):
-        line = formatter.line(time.time(), logging.getLevelName(level).lower(), logger.name, msg, fields)
-        handler.acquire()
+        created = time.time()
+        handler.acquire()  # as logging formats: under the handler's lock (the formatter keeps a cache)
         try:
+            line = formatter.line(created, logging.getLevelName(level).lower(), logger.name, msg, fields)
             handler.stream.write(line + handler.terminator)
             handler.flush()
         except Exception:  # as logging does: said on stderr, never raised at the caller

@@ -12,7 +12,6 @@ the client is the client's (499), one reading from Ollama is Ollama's (502, 504 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
@@ -538,10 +537,11 @@ class _Answer(web.StreamResponse):
     _send_headers_immediately = False
 
 
-async def _send(response: web.StreamResponse, data: bytes) -> None:
-    """Write to the client; _ClientGone when it went away (never confused with Ollama's errors)."""
+async def _send(response: web.StreamResponse, data: bytes, *, end: bool = False) -> None:
+    """Write to the client (with the answer's end: `end`); _ClientGone when it went away (never confused
+    with Ollama's errors)."""
     try:
-        await response.write(data)
+        await (response.write_eof(data) if end else response.write(data))
     except ConnectionError as exc:  # aiohttp's ClientConnectionResetError is a ConnectionResetError
         raise _ClientGone from exc
 
@@ -564,15 +564,13 @@ async def _stream(request: web.Request, ex: Exchange, upstream: http1.Response) 
     if upstream.content_length is not None and not ex.strip_usage:
         response.content_length = upstream.content_length
     ex.status = upstream.status
-    try:
-        await response.prepare(request)
-    except ConnectionError:
-        return _client_gone(request, ex, upstream, response)
+    await response.prepare(request)  # writes nothing yet: the head goes with the first bytes
     if request.method == "HEAD":
         ex.ttfb = time.perf_counter()
         return response
-    last = b""
+    ending = False  # the last bytes and the end are being written
     try:
+        last = b""
         while chunk := await upstream.next_chunk():
             if ex.ttfb is None:
                 ex.ttfb = time.perf_counter()
@@ -583,6 +581,10 @@ async def _stream(request: web.Request, ex: Exchange, upstream: http1.Response) 
             if out:
                 await _send(response, out)
         last += observer.finish()
+        if ex.counts.error and ex.error is None:
+            ex.error = ex.counts.error
+        ending = True
+        await _send(response, last, end=True)
     except _ClientGone:
         return _client_gone(request, ex, upstream, response)
     except asyncio.CancelledError:
@@ -591,7 +593,8 @@ async def _stream(request: web.Request, ex: Exchange, upstream: http1.Response) 
             ex.status, ex.error = 499, "client disconnected"
             raise
         _uncancel()
-        await _end_with_error(request, ex, response, content_type, 503, SHUTTING_DOWN)
+        if not ending:  # else the whole answer is on its way: it is recorded as answered (proxy)
+            await _end_with_error(request, ex, response, content_type, 503, SHUTTING_DOWN)
         return response
     except _UPSTREAM_ERRORS as exc:
         # Ollama died or stalled mid-answer: tell the client in the stream's own framing
@@ -600,13 +603,11 @@ async def _stream(request: web.Request, ex: Exchange, upstream: http1.Response) 
         event(log, logging.WARNING, "ollama failed mid-answer", request_id=ex.request_id, error=message)
         await _end_with_error(request, ex, response, content_type, 502, message)
         return response
-    ex.counts = observer.counts
-    if ex.counts.error and ex.error is None:
-        ex.error = ex.counts.error
-    if not ex.recorded_upstream:  # else the host has the record, and the metrics wait for the end (proxy)
-        _record(request.app, ex)  # before the end reaches the client: a stop right after loses nothing
-    with contextlib.suppress(ConnectionError):  # the client went at the last write; the record stands
-        await response.write_eof(last)
+    # in the same step of the event loop as the end's write (a write that does not wait returns at once):
+    # a stop right after the client has the end finds the record made. A host of the fleet that recorded
+    # it leaves the gateway only its metrics: they are counted by proxy() once the request is done.
+    if not ex.recorded_upstream:
+        _record(request.app, ex)
     return response
 
 
@@ -641,6 +642,11 @@ async def _end_with_error(
     """End a started answer with an error in its own framing, and record it with that status."""
     ex.status, ex.error = status, message
     _record(request.app, ex)
+    if response.content_length is not None:
+        # a declared length has no room for an error line: the answer ends short and the connection
+        # closes, which every client reads as a failed answer (not as a whole one, nor one to wait for)
+        response.force_close()
+        return
     try:
         await _send(response, _error_tail(content_type, message, status))
         await response.write_eof()

@@ -26,21 +26,31 @@ class Counts:
 
     def take_native(self, obj: dict[str, Any]) -> None:
         if "prompt_eval_count" in obj:
-            self.prompt_tokens = int(obj["prompt_eval_count"] or 0)
+            self.prompt_tokens = _tokens(obj["prompt_eval_count"], self.prompt_tokens)
         if "eval_count" in obj:
-            self.completion_tokens = int(obj["eval_count"] or 0)
+            self.completion_tokens = _tokens(obj["eval_count"], self.completion_tokens)
         if "error" in obj:
             self.error = str(obj["error"])
 
     def take_openai(self, obj: dict[str, Any]) -> None:
         usage = obj.get("usage")
         if isinstance(usage, dict):
-            self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            self.prompt_tokens = _tokens(usage.get("prompt_tokens"), self.prompt_tokens)
             if "completion_tokens" in usage:  # absent for embeddings
-                self.completion_tokens = int(usage["completion_tokens"] or 0)
+                self.completion_tokens = _tokens(usage["completion_tokens"], self.completion_tokens)
         error = obj.get("error")
         if error is not None:
             self.error = str(error.get("message", error)) if isinstance(error, dict) else str(error)
+
+
+def _tokens(value: Any, known: int | None) -> int | None:
+    """A token count from the answer (null: 0); one that is not a number leaves what was known (the answer
+    is the upstream's, passed on as it is: its odd field is no reason to fail it)."""
+    if value is None:
+        return 0
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
+        return max(0, int(value)) if abs(value) < 2**63 else known
+    return known
 
 
 class Observer(Protocol):
