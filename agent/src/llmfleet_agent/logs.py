@@ -64,7 +64,6 @@ class _Direct:
     capture, a handler added later, the text format)."""
 
     handler: logging.StreamHandler | None = None  # type: ignore[type-arg]
-    formatter: JsonFormatter | None = None
 
 
 def _only_to(handler: logging.Handler, logger: logging.Logger) -> bool:
@@ -83,7 +82,6 @@ def setup_logging(level: str = "info", fmt: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     _Direct.handler = handler if isinstance(formatter, JsonFormatter) else None
-    _Direct.formatter = formatter if isinstance(formatter, JsonFormatter) else None
     root.setLevel(level.upper())
     # neither formatter shows the thread or the process: not collecting them makes every record cheaper
     # (the logging HOWTO's "Optimization")
@@ -109,8 +107,14 @@ def event(logger: logging.Logger, level: int, msg: str, **fields: Any) -> None:
     the JSON format, the line is written without a record (`_Direct`)."""
     if not logger.isEnabledFor(level):
         return
-    handler, formatter = _Direct.handler, _Direct.formatter
-    if handler is not None and formatter is not None and level >= handler.level and _only_to(handler, logger):
+    handler = _Direct.handler
+    formatter = handler.formatter if handler is not None else None
+    if (
+        handler is not None
+        and isinstance(formatter, JsonFormatter)
+        and level >= handler.level
+        and _only_to(handler, logger)
+    ):
         created = time.time()
         handler.acquire()  # as logging formats: under the handler's lock (the formatter keeps a cache)
         try:
