@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
-from llmfleet_agent.logs import event, setup_logging
+from llmfleet_agent.logs import LineHandler, event, event_later, setup_logging
 
 
 @pytest.fixture
@@ -90,3 +92,56 @@ def test_a_field_that_cannot_be_written_is_said_not_raised(json_logs: Callable[[
     stderr = json_logs()
     event(logging.getLogger("llmfleet.test_logs"), logging.INFO, "odd", pair={(1, 2): "a tuple as a key"})
     assert "--- Logging error ---" in stderr.getvalue()  # as logging says it, and the caller goes on
+
+
+class CountingStream(io.StringIO):
+    """A stderr that counts its writes."""
+
+    writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def test_access_lines_are_put_off_and_go_out_together_in_order(json_logs: Callable[[], io.StringIO]) -> None:
+    json_logs()
+    stream = CountingStream()
+    setup = logging.root.handlers[0]
+    assert isinstance(setup, LineHandler)
+    setup.setStream(stream)
+    log = logging.getLogger("llmfleet.test_logs")
+
+    async def requests() -> list[str]:
+        for n in range(3):
+            event_later(log, logging.INFO, "a request", n=n)
+        assert stream.getvalue() == ""  # put off: the client's next request goes first
+        deadline = time.monotonic() + 5
+        while not stream.getvalue() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        event_later(log, logging.INFO, "put off again", n=3)
+        logging.getLogger("aiohttp.server").warning("a record through logging")  # lets it out first
+        event_later(log, logging.INFO, "put off once more", n=4)
+        event(log, logging.WARNING, "a line not put off")  # lets it out first too
+        return stream.getvalue().splitlines()
+
+    lines = asyncio.run(requests())
+    expected = ["a request"] * 3 + ["put off again", "a record through logging"]
+    expected += ["put off once more", "a line not put off"]
+    assert [json.loads(line)["msg"] for line in lines] == expected
+    assert stream.writes == 4  # the first three in one write; each line put off then with the next
+    event_later(log, logging.INFO, "off the loop")  # a command, a thread: at once
+    assert json.loads(stream.getvalue().splitlines()[-1])["msg"] == "off the loop"
+
+
+def test_the_lines_put_off_are_written_at_exit(json_logs: Callable[[], io.StringIO]) -> None:
+    stderr = json_logs()
+    log = logging.getLogger("llmfleet.test_logs")
+
+    async def last_words() -> None:
+        event_later(log, logging.INFO, "the last request")
+
+    asyncio.run(last_words())  # the loop is gone before its timer ran
+    assert stderr.getvalue() == ""
+    logging.root.handlers[0].flush()  # what logging.shutdown does at exit
+    assert json.loads(stderr.getvalue())["msg"] == "the last request"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import sqlite3
@@ -10,6 +11,9 @@ from typing import Any
 from conftest import AgentHandle
 from prometheus_client.parser import text_string_to_metric_families
 from support import Stream, bearer, http, wait_until
+
+from llmfleet_agent.activity import Activity
+from llmfleet_agent.metrics import Metrics
 
 MSG = [{"role": "user", "content": "count these five words"}]
 # (path, body, streamed): each gives known counts from Ollama
@@ -214,3 +218,23 @@ def usage_rows(agent: AgentHandle) -> list[dict[str, Any]]:
     with sqlite3.connect(agent.dir / "agent.db") as conn:
         conn.row_factory = sqlite3.Row
         return [dict(r) for r in conn.execute("SELECT * FROM usage ORDER BY ts")]
+
+
+def test_a_scrape_sees_every_request_counted_before_it() -> None:
+    """Requests are added up later, with others (later.py); a scrape adds up what is pending first."""
+    metrics = Metrics(Activity(), lambda: None, lambda: None)
+
+    def requests_total(text: bytes) -> float:
+        families = text_string_to_metric_families(text.decode())
+        samples = [s for f in families for s in f.samples if s.name == "llmfleet_requests_total"]
+        return sum(s.value for s in samples if s.labels["route"] == "/api/chat")
+
+    async def counted() -> tuple[float, float]:
+        for _ in range(3):
+            metrics.count_request("/api/chat", "tinyllama:latest", 200, 0.01, 0.005, 4, 4)
+        assert len(metrics._pending) == 3  # put off: the timer has not run
+        return requests_total(metrics.render()), len(metrics._pending)
+
+    assert asyncio.run(counted()) == (3, 0)
+    metrics.count_request("/api/chat", "tinyllama:latest", 200, 0.01, None, None, None)  # off the loop: now
+    assert metrics._pending == [] and requests_total(metrics.render()) == 4

@@ -7,7 +7,7 @@ import logging
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from .logs import clip, event
+from .logs import clip, event_later
 
 REQUEST_KEY_ID = "llmfleet_key_id"
 _log = logging.getLogger("llmfleet.access")
@@ -21,7 +21,7 @@ class AccessLogger(AbstractAccessLogger):
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         method, path = clip(request.method), clip(request.path)
-        event(
+        event_later(
             _log,
             logging.INFO,
             f"{method} {path} {response.status}",

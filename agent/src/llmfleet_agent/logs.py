@@ -9,7 +9,9 @@ import json
 import logging
 import sys
 import time
-from typing import Any
+from typing import Any, TextIO
+
+from .later import Later
 
 _RESERVED = "fields"
 _NO_CALLER = "(unknown file)"  # what logging records when it does not look the caller up
@@ -56,14 +58,75 @@ class TextFormatter(logging.Formatter):
         return text
 
 
+MAX_PENDING = 512  # lines put off at most; one more writes them all at once
+
+
+class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """setup_logging's handler, to which `event` gives its lines itself (`add`). A request's access line
+    (`put_off`) waits (later.py) and goes out with others, in one write, at most later.DELAY after the
+    first of them; any other line, given or through `logging`, lets them out first, so that the lines stay
+    in their order; `flush` (logging.shutdown's, at exit) lets them out too. On a thread without an event
+    loop a line goes out at once."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._pending: list[tuple[float, int, str, str, dict[str, Any]]] = []
+        self._later = Later(self.flush)
+
+    def add(
+        self, created: float, level: int, name: str, msg: str, fields: dict[str, Any], put_off: bool
+    ) -> None:
+        self.acquire()
+        try:
+            self._pending.append((created, level, name, msg, fields))
+            if put_off and len(self._pending) < MAX_PENDING and self._later.put_off():
+                return
+            self._write_pending()
+        finally:
+            self.release()
+        super().flush()
+
+    def _write_pending(self) -> None:
+        """Under the lock: format the lines put off (as logging does, the formatter keeps a cache) and write
+        them; a line that cannot be written is said on stderr, never raised at the caller."""
+        pending, self._pending = self._pending, []
+        formatter = self.formatter
+        lines = []
+        for created, level, name, msg, fields in pending:
+            try:
+                assert isinstance(formatter, JsonFormatter)  # _Direct.handler is set only then
+                lines.append(formatter.line(created, logging.getLevelName(level).lower(), name, msg, fields))
+            except Exception:
+                self.handleError(_record(logging.getLogger(name), level, msg, fields))
+        if lines:
+            try:
+                self.stream.write(self.terminator.join(lines) + self.terminator)
+            except Exception:
+                self.handleError(_record(logging.getLogger(pending[-1][2]), logging.ERROR, "lost lines", {}))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._pending:  # under the lock: Handler.handle holds it
+            self._write_pending()
+        super().emit(record)
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            if self._pending:
+                self._write_pending()
+        finally:
+            self.release()
+        super().flush()
+
+
 class _Direct:
-    """The JSON handler that setup_logging installed. `event` writes its line to it itself while it is the
+    """The JSON handler that setup_logging installed. `event` gives its line to it itself while it is the
     root logger's only handler and nothing on the way (a logger's handler or filter, the handler's filter)
     would see the record: the same line as through `logging`, without a LogRecord and the walk through the
     loggers (the access log writes one line a request). Anything else goes through `logging` (a test's
     capture, a handler added later, the text format)."""
 
-    handler: logging.StreamHandler | None = None  # type: ignore[type-arg]
+    handler: LineHandler | None = None
 
 
 def _only_to(handler: logging.Handler, logger: logging.Logger) -> bool:
@@ -76,7 +139,7 @@ def _only_to(handler: logging.Handler, logger: logging.Logger) -> bool:
 
 
 def setup_logging(level: str = "info", fmt: str = "json") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = LineHandler(sys.stderr)
     formatter = JsonFormatter() if fmt == "json" else TextFormatter()
     handler.setFormatter(formatter)
     root = logging.getLogger()
@@ -104,27 +167,27 @@ def event(logger: logging.Logger, level: int, msg: str, **fields: Any) -> None:
 
     The record is made directly, without looking up the calling function and line (`Logger.log` walks
     the stack for them): no formatter shows them, and the access log makes one record per request. With
-    the JSON format, the line is written without a record (`_Direct`)."""
+    the JSON format, the line goes to the handler without a record (`_Direct`)."""
+    _event(logger, level, msg, fields, put_off=False)
+
+
+def event_later(logger: logging.Logger, level: int, msg: str, **fields: Any) -> None:
+    """`event` for a line a request leaves after its answer (the access log's): put off, with others, so
+    that the next request does not wait for it (`LineHandler`)."""
+    _event(logger, level, msg, fields, put_off=True)
+
+
+def _event(logger: logging.Logger, level: int, msg: str, fields: dict[str, Any], put_off: bool) -> None:
     if not logger.isEnabledFor(level):
         return
     handler = _Direct.handler
-    formatter = handler.formatter if handler is not None else None
     if (
         handler is not None
-        and isinstance(formatter, JsonFormatter)
+        and isinstance(handler.formatter, JsonFormatter)
         and level >= handler.level
         and _only_to(handler, logger)
     ):
-        created = time.time()
-        handler.acquire()  # as logging formats: under the handler's lock (the formatter keeps a cache)
-        try:
-            line = formatter.line(created, logging.getLevelName(level).lower(), logger.name, msg, fields)
-            handler.stream.write(line + handler.terminator)
-            handler.flush()
-        except Exception:  # as logging does: said on stderr, never raised at the caller
-            handler.handleError(_record(logger, level, msg, fields))
-        finally:
-            handler.release()
+        handler.add(time.time(), level, logger.name, msg, fields, put_off)
         return
     logger.handle(_record(logger, level, msg, fields))
 

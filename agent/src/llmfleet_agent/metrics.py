@@ -11,12 +11,14 @@ from prometheus_client.registry import Collector
 
 from .activity import Activity
 from .batching import BatchWriter
+from .later import Later
 from .probes import ProbeSampler
 from .supervisor import State, Supervisor
 
 disable_created_metrics()  # no `_created` series: they double the output and nobody graphs them
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+MAX_PENDING = 4096  # requests counted but not added up at most; one more adds them all up at once
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 M = TypeVar("M", Counter, Histogram)
 
@@ -201,6 +203,9 @@ class Metrics:
         self._prompt_tokens = _Children(self.prompt_tokens)
         self._completion_tokens = _Children(self.completion_tokens)
         self._refusals = _Children(self.refusals)
+        # requests counted but not yet added up (later.py): added by the timer or before a scrape
+        self._pending: list[tuple[str, str, int, float, float | None, int | None, int | None]] = []
+        self._later = Later(self._add_pending)
 
     def count_request(
         self,
@@ -212,18 +217,27 @@ class Metrics:
         prompt_tokens: int | None,
         completion_tokens: int | None,
     ) -> None:
-        """One proxied request: its count, duration, time to first byte and tokens."""
-        self._requests(route, model, str(status)).inc()
-        self._duration(route).observe(duration)
-        if ttfb is not None:
-            self._ttfb(route).observe(ttfb)
-        if prompt_tokens:
-            self._prompt_tokens(model).inc(prompt_tokens)
-        if completion_tokens:
-            self._completion_tokens(model).inc(completion_tokens)
+        """One proxied request: its count, duration, time to first byte and tokens. Added up later, with
+        others (later.py); a scrape sees every request counted before it."""
+        self._pending.append((route, model, status, duration, ttfb, prompt_tokens, completion_tokens))
+        if len(self._pending) >= MAX_PENDING or not self._later.put_off():
+            self._add_pending()
+
+    def _add_pending(self) -> None:
+        pending, self._pending = self._pending, []
+        for route, model, status, duration, ttfb, prompt_tokens, completion_tokens in pending:
+            self._requests(route, model, str(status)).inc()
+            self._duration(route).observe(duration)
+            if ttfb is not None:
+                self._ttfb(route).observe(ttfb)
+            if prompt_tokens:
+                self._prompt_tokens(model).inc(prompt_tokens)
+            if completion_tokens:
+                self._completion_tokens(model).inc(completion_tokens)
 
     def count_refusal(self, reason: str) -> None:
         self._refusals(reason).inc()
 
     def render(self) -> bytes:
+        self._add_pending()
         return generate_latest(self.registry)

@@ -580,15 +580,18 @@ async def _stream(request: web.Request, ex: Exchange, upstream: http1.Response) 
                 break
             if out:
                 await _send(response, out)
-        last += observer.finish()
-        if ex.counts.error and ex.error is None:
-            ex.error = ex.counts.error
+        if observer.holds_back:
+            last += observer.finish()
         ending = True
         await _send(response, last, end=True)
     except _ClientGone:
+        if ending:
+            _settle(ex, observer)
         return _client_gone(request, ex, upstream, response)
     except asyncio.CancelledError:
         upstream.close()  # closing the upstream connection stops the generation
+        if ending:
+            _settle(ex, observer)
         if not ex.cut:
             ex.status, ex.error = 499, "client disconnected"
             raise
@@ -606,9 +609,18 @@ async def _stream(request: web.Request, ex: Exchange, upstream: http1.Response) 
     # in the same step of the event loop as the end's write (a write that does not wait returns at once):
     # a stop right after the client has the end finds the record made. A host of the fleet that recorded
     # it leaves the gateway only its metrics: they are counted by proxy() once the request is done.
+    _settle(ex, observer)
     if not ex.recorded_upstream:
         _record(request.app, ex)
     return response
+
+
+def _settle(ex: Exchange, observer: Observer) -> None:
+    """The counts of a whole answer. Read after its end went out, unless the observer holds bytes back: the
+    client does not wait for them."""
+    observer.finish()
+    if ex.counts.error and ex.error is None:
+        ex.error = ex.counts.error
 
 
 async def _json_error_of(request: web.Request, ex: Exchange, upstream: http1.Response) -> web.StreamResponse:

@@ -54,13 +54,20 @@ def _tokens(value: Any, known: int | None) -> int | None:
 
 
 class Observer(Protocol):
+    """`feed` returns what to forward of a chunk; `finish`, at the answer's end, what it held back (a second
+    call does nothing). `holds_back`: whether `finish` may return bytes (else it is called after the end has
+    gone to the client, which need not wait for the counts to be read)."""
+
     counts: Counts
+    holds_back: bool
 
     def feed(self, chunk: bytes) -> bytes: ...
     def finish(self) -> bytes: ...
 
 
 class PassThrough:
+    holds_back = False
+
     def __init__(self) -> None:
         self.counts = Counts()
 
@@ -73,6 +80,8 @@ class PassThrough:
 
 class JsonObserver:
     """One JSON document (a non-streamed answer): read when it is complete."""
+
+    holds_back = False
 
     def __init__(self, openai: bool) -> None:
         self.counts = Counts()
@@ -100,6 +109,8 @@ class JsonObserver:
 
 class NdjsonObserver:
     """Ollama's native stream: the final line (`"done":true`) carries the counts; an error is a line too."""
+
+    holds_back = False
 
     def __init__(self) -> None:
         self.counts = Counts()
@@ -135,6 +146,7 @@ class SseObserver:
     def __init__(self, strip_usage_event: bool) -> None:
         self.counts = Counts()
         self._strip = strip_usage_event
+        self.holds_back = strip_usage_event  # the usage event may come last, without its blank line
         self._pending = b""
 
     def feed(self, chunk: bytes) -> bytes:
