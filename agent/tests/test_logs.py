@@ -145,3 +145,47 @@ def test_the_lines_put_off_are_written_at_exit(json_logs: Callable[[], io.String
     assert stderr.getvalue() == ""
     logging.root.handlers[0].flush()  # what logging.shutdown does at exit
     assert json.loads(stderr.getvalue())["msg"] == "the last request"
+
+
+class BrokenStream(io.StringIO):
+    """A stderr whose reader is gone: writing and flushing fail."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_log_that_cannot_be_written_is_never_raised_at_the_caller(
+    json_logs: Callable[[], io.StringIO], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    json_logs()
+    said = io.StringIO()  # where logging says its errors: the real stderr
+    monkeypatch.setattr(sys, "stderr", said)
+    handler = logging.root.handlers[0]
+    handler.setStream(BrokenStream())
+    log = logging.getLogger("llmfleet.test_logs")
+    raised: list[object] = []
+
+    def errors() -> int:
+        return said.getvalue().count("--- Logging error ---")
+
+    async def on_the_loop() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: raised.append(context))
+        before = errors()
+        event_later(log, logging.INFO, "put off")
+        deadline = time.monotonic() + 5
+        while errors() == before and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # the timer's callback has returned
+
+    try:
+        event(log, logging.WARNING, "at once")  # off the loop
+        event_later(log, logging.INFO, "at once too")
+        assert errors() >= 2
+        asyncio.run(on_the_loop())
+        assert errors() >= 3  # said by the handler when its timer wrote them
+        assert raised == []  # and nothing reached the loop
+    finally:
+        handler.setStream(io.StringIO())  # logging.shutdown flushes it at exit

@@ -27,6 +27,7 @@ from .config import Config, ConfigError, load_config, parse_config, parse_durati
 from .http_errors import install_parser_errors
 from .keys import KeyRecord, generate_secret, validate_secret
 from .logs import event, setup_logging
+from .logs import flush as flush_log
 from .roles import Role
 from .store import AuditRecord, UsageSummary, open_store
 from .store.base import USAGE_GROUPS
@@ -753,9 +754,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config) if getattr(args, "needs_config", True) else None
         return int(args.func(cfg, args))
     except ConfigError as exc:
+        flush_log()  # the access lines of a server that ran come before its last word
         print(f"llmfleet-agent: configuration error: {exc}", file=sys.stderr)
         return 2
     except CliError as exc:
+        flush_log()
         print(f"llmfleet-agent: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -84,7 +84,7 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self._write_pending()
         finally:
             self.release()
-        super().flush()
+        self._flush_stream()
 
     def _write_pending(self) -> None:
         """Under the lock: format the lines put off (as logging does, the formatter keeps a cache) and write
@@ -116,7 +116,16 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
                 self._write_pending()
         finally:
             self.release()
-        super().flush()
+        self._flush_stream()
+
+    def _flush_stream(self) -> None:
+        """As StreamHandler.emit flushes: a stream that fails (a pipe whose reader is gone) is said on
+        stderr, never raised at the caller or into the event loop."""
+        try:
+            super().flush()
+        except Exception:
+            failed = {"msg": "flushing the log failed", "levelno": logging.ERROR}
+            self.handleError(logging.makeLogRecord(failed))
 
 
 class _Direct:
@@ -153,6 +162,12 @@ def setup_logging(level: str = "info", fmt: str = "json") -> None:
     logging.logMultiprocessing = False
     # aiohttp's own access log is replaced by ours (see app.py)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def flush() -> None:
+    """Write the lines put off now: before a message printed to stderr directly, so that it comes last."""
+    if _Direct.handler is not None:
+        _Direct.handler.flush()
 
 
 def clip(text: str | None, limit: int = CLIP_CHARS) -> str | None:
