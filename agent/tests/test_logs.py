@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from llmfleet_agent.logs import LineHandler, event, event_later, setup_logging
+from llmfleet_agent.logs import LineHandler, TextFormatter, event, event_later, setup_logging
 
 
 @pytest.fixture
@@ -192,3 +192,17 @@ def test_a_log_that_cannot_be_written_is_never_raised_at_the_caller(
         assert raised == []  # and nothing reached the loop
     finally:
         handler.setStream(io.StringIO())  # logging.shutdown flushes it at exit
+
+
+def test_a_line_put_off_goes_through_the_formatter_set_since(json_logs: Callable[[], io.StringIO]) -> None:
+    stderr = json_logs()
+
+    async def put_off() -> None:
+        event_later(logging.getLogger("llmfleet.test_logs"), logging.INFO, "a request", n=1)
+
+    asyncio.run(put_off())
+    handler = logging.root.handlers[0]
+    handler.setFormatter(TextFormatter())  # e.g. a test's, before the timer ran
+    handler.flush()
+    assert "--- Logging error ---" not in stderr.getvalue()
+    assert stderr.getvalue().rstrip().endswith("INFO llmfleet.test_logs: a request n=1")

@@ -94,8 +94,11 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
         lines = []
         for created, level, name, msg, fields in pending:
             try:
-                assert isinstance(formatter, JsonFormatter)  # _Direct.handler is set only then
-                lines.append(formatter.line(created, logging.getLevelName(level).lower(), name, msg, fields))
+                if isinstance(formatter, JsonFormatter):  # as set up; another one set since: through it
+                    level_name = logging.getLevelName(level).lower()
+                    lines.append(formatter.line(created, level_name, name, msg, fields))
+                else:
+                    lines.append(self.format(_record(logging.getLogger(name), level, msg, fields)))
             except Exception:
                 self.handleError(_record(logging.getLogger(name), level, msg, fields))
         if lines:
