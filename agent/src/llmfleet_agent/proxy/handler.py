@@ -583,15 +583,14 @@ async def _stream(request: web.Request, ex: Exchange, upstream: http1.Response) 
         if observer.holds_back:
             last += observer.finish()
         ending = True
-        await _send(response, last, end=True)
-    except _ClientGone:
-        if ending:
+        try:
+            await _send(response, last, end=True)
+        finally:  # the whole answer went by: its counts, also when the client or the gate cut this write
             _settle(ex, observer)
+    except _ClientGone:
         return _client_gone(request, ex, upstream, response)
     except asyncio.CancelledError:
         upstream.close()  # closing the upstream connection stops the generation
-        if ending:
-            _settle(ex, observer)
         if not ex.cut:
             ex.status, ex.error = 499, "client disconnected"
             raise
@@ -609,7 +608,6 @@ async def _stream(request: web.Request, ex: Exchange, upstream: http1.Response) 
     # in the same step of the event loop as the end's write (a write that does not wait returns at once):
     # a stop right after the client has the end finds the record made. A host of the fleet that recorded
     # it leaves the gateway only its metrics: they are counted by proxy() once the request is done.
-    _settle(ex, observer)
     if not ex.recorded_upstream:
         _record(request.app, ex)
     return response
