@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import __version__, openapi, reports
+from . import __version__, gc_tuning, openapi, reports
 from .access import AccessLogger
 from .app import create_app, ssl_context
 from .config import Config, ConfigError, load_config, parse_config, parse_duration
@@ -56,6 +56,7 @@ def _serve(cfg: Config, args: argparse.Namespace, what: str, app: web.Applicatio
         f"{what} {__version__} starting; will listen on {scheme}://{cfg.listen.host}:{cfg.listen.port}",
         config=str(args.config_path),
     )
+    app.on_startup.append(gc_tuning.freeze_startup)  # last: after every part has started
     try:
         web.run_app(
             app,
@@ -84,6 +85,7 @@ def _prepare(cfg: Config) -> None:
     setup_logging(cfg.logging.level, cfg.logging.format)
     _use_uvloop()
     install_parser_errors()
+    gc_tuning.tune()
 
 
 def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
