@@ -3,11 +3,13 @@
 front of that agent, side by side in one run.
 
 Starts the agent with the simulator as its Ollama (token delay 0, so the backend costs almost nothing and
-the proxy's own cost shows) and a gateway whose one host is that agent, then drives the simulator
-directly, through the agent, and through the gateway with the same requests: concurrency 1 and 64,
-streamed and not. Reports the latency the agent adds over direct and the gateway over the agent (p50,
-p99), the throughput ratios, the time-to-first-byte added for streams, CPU per request of each process,
-the agent's peak memory, and its memory before and after 20,000 requests. Writes everything as JSON under
+the proxy's own cost shows), a gateway whose one host is that agent, and a bare relay in front of the same
+agent (bench/relay.py: the gateway's frame, an aiohttp server and the proxy's HTTP/1.1 client, doing
+nothing else), then drives the simulator directly, through the agent, through the gateway and through the
+relay with the same requests: concurrency 1 and 64, streamed and not. Reports the latency the agent adds
+over direct and the gateway over the agent beside what the bare relay adds over the agent (p50, p99), the
+throughput ratios, the time-to-first-byte added for streams, CPU per request of each process, the agent's
+peak memory, and its memory before and after 20,000 requests. Writes everything as JSON under
 bench/results/.
 
     make bench                       # or: .venv/bin/python bench/bench.py [--quick]
@@ -43,7 +45,7 @@ BODY = {
 
 @dataclass
 class Run:
-    target: str  # direct | agent | gateway
+    target: str  # direct | agent | gateway | relay
     concurrency: int
     stream: bool
     requests: int
@@ -287,13 +289,27 @@ def start_gateway(
     return proc, url
 
 
+def start_relay(workdir: Path, upstream: str) -> tuple[subprocess.Popen[bytes], str]:
+    """bench/relay.py in front of `upstream`: what a hop of the gateway's frame alone costs."""
+    port = free_port()
+    log_path = workdir / "relay.log"
+    log = log_path.open("wb")
+    relay = [BIN / "python", ROOT / "bench" / "relay.py", "--upstream", upstream, "--port", str(port)]
+    proc = subprocess.Popen(relay, stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    _wait_ready(url, proc, log_path)
+    return proc, url
+
+
 async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     gateway_key = "llmf_" + os.urandom(32).hex()
     proc, agent_url, direct_url, key = start_agent(workdir, gateway_key)
     gateway, gateway_url = start_gateway(workdir, agent_url, gateway_key, key)
+    relay, relay_url = start_relay(workdir, agent_url)
     rss = PeakRss(proc.pid)
     agent_proc = psutil.Process(proc.pid)
     gateway_proc = psutil.Process(gateway.pid)
+    relay_proc = psutil.Process(relay.pid)
     ollama_proc = agent_proc.children()[0]
     rss.start()
     runs: list[Run] = []
@@ -304,6 +320,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     Target("direct", direct_url, None, stream, [ollama_proc]),
                     Target("agent", agent_url, key, stream, [agent_proc, ollama_proc]),
                     Target("gateway", gateway_url, key, stream, [gateway_proc, agent_proc, ollama_proc]),
+                    Target("relay", relay_url, key, stream, [relay_proc, agent_proc, ollama_proc]),
                 ]
                 await compare(sides, concurrency, total)
                 pair = [side.run(concurrency, stream) for side in sides]
@@ -328,13 +345,13 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         )
     finally:
         rss.stop()
-        for running in (gateway, proc):
+        for running in (relay, gateway, proc):
             running.terminate()
             running.wait(timeout=30)
 
     agent_pid, ollama_pid = agent_proc.pid, ollama_proc.pid
     comparisons, gateway_comparisons = [], []
-    for direct, agent, through in zip(runs[0::3], runs[1::3], runs[2::3], strict=True):
+    for direct, agent, through, bare in zip(runs[0::4], runs[1::4], runs[2::4], runs[3::4], strict=True):
         gateway_comparisons.append(
             {
                 "concurrency": agent.concurrency,
@@ -346,6 +363,9 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 "agent_rps": round(agent.rps, 1),
                 "gateway_rps": round(through.rps, 1),
                 "gateway_cpu_us_per_request": through.cpu_us_per_request[str(gateway_proc.pid)],
+                # the same hop with the frame alone (bench/relay.py), in the same run
+                "relay_added_p50_ms": round(bare.p50_ms - agent.p50_ms, 3),
+                "relay_cpu_us_per_request": bare.cpu_us_per_request[str(relay_proc.pid)],
             }
         )
         comparisons.append(
@@ -395,7 +415,8 @@ def main() -> int:
     if args.quick:
         args.requests_c1, args.requests_c64, args.soak = 200, 640, 1000
     print(
-        "llmfleet bench: the gateway, the agent and a direct connection to one simulator (token delay 0)",
+        "llmfleet bench: the gateway, a bare relay, the agent and a direct connection to one simulator"
+        " (token delay 0)",
         flush=True,
     )
     with tempfile.TemporaryDirectory(prefix="llmfleet-bench-") as tmp:
@@ -413,13 +434,14 @@ def main() -> int:
         )
     print(
         "\n  gateway over agent: concurrency stream  added p50  added p99  gateway/agent req/s"
-        "  gateway CPU/request"
+        "  gateway CPU/request   bare relay: added p50, CPU/request"
     )
     for c in result["gateway_comparisons"]:
         print(
             f"  {c['concurrency']:>30} {c['stream']!s:<6} {c['added_p50_ms']:>6.3f} ms"
             f" {c['added_p99_ms']:>6.3f} ms {c['throughput_ratio']:>20.2f}"
-            f"  {c['gateway_cpu_us_per_request']:>6.0f} us"
+            f"  {c['gateway_cpu_us_per_request']:>18.0f} us"
+            f"   {c['relay_added_p50_ms']:>21.3f} ms, {c['relay_cpu_us_per_request']:.0f} us"
         )
     mem = result["agent_memory"]
     print(

@@ -1,5 +1,5 @@
-"""`make bench` runs end to end (direct, agent and gateway side by side) and writes its JSON (the figures
-themselves live in docs/performance.md)."""
+"""`make bench` runs end to end (direct, agent, gateway and the bare relay side by side) and writes its JSON
+(the figures themselves live in docs/performance.md)."""
 
 from __future__ import annotations
 
@@ -40,6 +40,9 @@ def test_bench_quick_run_writes_json(tmp_path: Path) -> None:
     assert all(
         c["gateway_rps"] > 0 and c["gateway_cpu_us_per_request"] > 0 for c in result["gateway_comparisons"]
     )
-    assert {run["target"] for run in result["runs"]} == {"direct", "agent", "gateway"}
+    # the bare relay (the gateway's frame alone) in the same run, beside the gateway: what the gateway adds
+    # is read against it
+    assert all(c["relay_cpu_us_per_request"] > 0 for c in result["gateway_comparisons"])
+    assert {run["target"] for run in result["runs"]} == {"direct", "agent", "gateway", "relay"}
     assert result["agent_memory"]["peak_rss_mib"] > 0
     assert "added p50" in res.stdout
