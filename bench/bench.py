@@ -214,8 +214,10 @@ def _cli(*args: Any, stdin: str | None = None) -> str:
 
 
 def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    """Until `url` answers /readyz; else the process is stopped and the end of its log shown (the log's
+    directory is a temporary one, gone once the bench exits)."""
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
             with urllib.request.urlopen(f"{url}/readyz", timeout=1) as resp:  # noqa: S310 - our own http URL
                 if resp.status == 200:
@@ -223,8 +225,25 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
         except OSError:
             pass
         time.sleep(0.1)
+    why = f"it exited with {proc.returncode}" if proc.poll() is not None else "not ready within 30 s"
     proc.kill()
-    raise SystemExit(f"{url} did not become ready; see {log}")
+    proc.wait()
+    tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+    raise SystemExit(f"{url} did not become ready ({why}); the end of {log.name}:\n{tail}")
+
+
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Stop what a run started, the last started first: each asked to end, then killed if it has not
+    within 30 s. Every one is stopped, also when another is slow to."""
+    for proc in reversed(procs):
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in reversed(procs):
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def start_agent(workdir: Path, gateway_key: str) -> tuple[subprocess.Popen[bytes], str, str, str]:
@@ -303,17 +322,22 @@ def start_relay(workdir: Path, upstream: str) -> tuple[subprocess.Popen[bytes], 
 
 async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     gateway_key = "llmf_" + os.urandom(32).hex()
-    proc, agent_url, direct_url, key = start_agent(workdir, gateway_key)
-    gateway, gateway_url = start_gateway(workdir, agent_url, gateway_key, key)
-    relay, relay_url = start_relay(workdir, agent_url)
-    rss = PeakRss(proc.pid)
-    agent_proc = psutil.Process(proc.pid)
-    gateway_proc = psutil.Process(gateway.pid)
-    relay_proc = psutil.Process(relay.pid)
-    ollama_proc = agent_proc.children()[0]
-    rss.start()
+    procs: list[subprocess.Popen[bytes]] = []  # stopped however the run ends, also when one fails to start
+    rss: PeakRss | None = None
     runs: list[Run] = []
     try:
+        proc, agent_url, direct_url, key = start_agent(workdir, gateway_key)
+        procs.append(proc)
+        gateway, gateway_url = start_gateway(workdir, agent_url, gateway_key, key)
+        procs.append(gateway)
+        relay, relay_url = start_relay(workdir, agent_url)
+        procs.append(relay)
+        rss = PeakRss(proc.pid)
+        agent_proc = psutil.Process(proc.pid)
+        gateway_proc = psutil.Process(gateway.pid)
+        relay_proc = psutil.Process(relay.pid)
+        ollama_proc = agent_proc.children()[0]
+        rss.start()
         for concurrency, total in ((1, args.requests_c1), (64, args.requests_c64)):
             for stream in (False, True):
                 sides = [
@@ -344,10 +368,9 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             flush=True,
         )
     finally:
-        rss.stop()
-        for running in (relay, gateway, proc):
-            running.terminate()
-            running.wait(timeout=30)
+        if rss is not None:
+            rss.stop()
+        stop(procs)
 
     agent_pid, ollama_pid = agent_proc.pid, ollama_proc.pid
     comparisons, gateway_comparisons = [], []

@@ -1,12 +1,18 @@
 #!/usr/bin/env python3
 """A bare relay for `make bench`: the frame the gateway is built on and nothing else.
 
-An aiohttp server (uvloop, as the agent runs) that passes every POST to one upstream through the proxy's
-own HTTP/1.1 client (`llmfleet_agent.proxy.http1`) and streams the answer back: no keys, checks, body
-parsing, routing, records, logs or metrics. In front of the agent, what it adds is what one more hop of
-that frame costs on this machine at that moment (loopback, the event loop, the server, the client); what
-the gateway adds beyond it is the gateway's own work. The VM's speed drifts by half between runs, so the
-two are only compared within one run.
+An aiohttp server set up as the agent's (uvloop, the collector tuned as gc_tuning.py tunes it, the same
+body limit) that passes every POST to one upstream through the proxy's own HTTP/1.1 client
+(`llmfleet_agent.proxy.http1`) and streams the answer back: no keys, checks, body parsing, routing,
+records, logs or metrics. Not a general proxy: it drops only the headers the bench's requests carry that
+must not be passed on. The client's key goes through to the agent as the client's; the gateway's requests
+reach the agent with the gateway's key and the caller's identity, which costs the agent about 10 µs more
+(docs/performance.md), counted in the gateway's own work.
+
+In front of the agent, what it adds is what one more hop of that frame costs on this machine at that
+moment (loopback, the event loop, the server, the client); what the gateway adds beyond it is the
+gateway's own work. The VM's speed drifts by half between runs, so the two are only compared within one
+run.
 
     python bench/relay.py --upstream http://127.0.0.1:8080 --port 9000
 """
@@ -18,6 +24,8 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from llmfleet_agent import gc_tuning
+from llmfleet_agent.config import LimitsConfig
 from llmfleet_agent.proxy import http1
 
 UPSTREAM = web.AppKey("upstream", str)
@@ -67,9 +75,10 @@ def make_app(upstream: str) -> web.Application:
         yield
         await app[CLIENT].close()
 
-    app = web.Application()
+    app = web.Application(client_max_size=LimitsConfig().max_body_bytes)
     app[UPSTREAM] = upstream
     app.cleanup_ctx.append(client_ctx)
+    app.on_startup.append(gc_tuning.freeze_startup)
     app.router.add_get("/readyz", readyz)
     app.router.add_post("/{tail:.*}", relay)
     return app
@@ -88,6 +97,7 @@ def main() -> None:
         pass
     else:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    gc_tuning.tune()
     web.run_app(make_app(args.upstream), host="127.0.0.1", port=args.port, access_log=None, print=None)
 
 

@@ -84,9 +84,7 @@ async def one_run(
                     print(json.dumps(row), flush=True)
         return rows
     finally:
-        for proc in reversed(procs):
-            proc.terminate()
-            proc.wait(timeout=30)
+        bench.stop(procs)
 
 
 def main() -> int:
