@@ -20,13 +20,14 @@ run.
 from __future__ import annotations
 
 import argparse
-import asyncio
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 from llmfleet_agent import gc_tuning
+from llmfleet_agent.cli import use_uvloop
 from llmfleet_agent.config import LimitsConfig
 from llmfleet_agent.proxy import http1
+from llmfleet_agent.proxy.handler import Answer  # the head goes with the first bytes, as the agent's
 
 UPSTREAM = web.AppKey("upstream", str)
 CLIENT = web.AppKey("client", http1.Client)
@@ -34,10 +35,6 @@ CLIENT = web.AppKey("client", http1.Client)
 _DROP = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "host", "content-length", "date", "server"}
 )
-
-
-class _Answer(web.StreamResponse):
-    _send_headers_immediately = False  # the head goes with the first bytes, as the agent's does
 
 
 async def relay(request: web.Request) -> web.StreamResponse:
@@ -48,7 +45,7 @@ async def relay(request: web.Request) -> web.StreamResponse:
         request.method, request.app[UPSTREAM], request.rel_url.raw_path_qs, headers, body
     )
     async with upstream:
-        response = _Answer(status=upstream.status, reason=upstream.reason)
+        response = Answer(status=upstream.status, reason=upstream.reason)
         for name, value in upstream.headers.items():
             if name.lower() not in _DROP:
                 response.headers.add(name, value)
@@ -91,12 +88,7 @@ def main() -> None:
     parser.add_argument("--upstream", required=True, help="the base URL requests are passed to")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
-    try:
-        import uvloop
-    except ImportError:
-        pass
-    else:
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    use_uvloop()  # as the agent's server
     gc_tuning.tune()
     web.run_app(make_app(args.upstream), host="127.0.0.1", port=args.port, access_log=None, print=None)
 

@@ -83,7 +83,7 @@ def _serve(cfg: Config, args: argparse.Namespace, what: str, app: web.Applicatio
 
 def _prepare(cfg: Config) -> None:
     setup_logging(cfg.logging.level, cfg.logging.format)
-    _use_uvloop()
+    use_uvloop()
     install_parser_errors()
     gc_tuning.tune()
 
@@ -103,7 +103,7 @@ def cmd_gateway(cfg: Config, args: argparse.Namespace) -> int:
     return _serve(cfg, args, "llmfleet-agent gateway", create_gateway_app(cfg), cfg.listen.shutdown_timeout)
 
 
-def _use_uvloop() -> None:
+def use_uvloop() -> None:
     """uvloop's event loop when it is installed (it is a dependency on Linux): less overhead per request."""
     try:
         import uvloop

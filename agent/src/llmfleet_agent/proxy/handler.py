@@ -528,7 +528,7 @@ async def _forward(
     raise Refused(503, "no host to send the request to", {"Retry-After": str(math.ceil(cfg.retry_after))})
 
 
-class _Answer(web.StreamResponse):
+class Answer(web.StreamResponse):
     """The upstream's answer passed on. Its head goes out with its first bytes, in one write (as a Response
     does): a reader woken once, not twice, and a write less. Nothing waits on it: the upstream's head and
     first bytes come together (Ollama sends its head with its first flush), and an answer without a body
@@ -556,7 +556,7 @@ async def _stream(request: web.Request, ex: Exchange, upstream: http1.Response) 
         else PassThrough()
     )
     ex.counts = observer.counts  # filled as the answer streams: a cut answer is charged what it gave
-    response = _Answer(status=upstream.status, reason=upstream.reason)
+    response = Answer(status=upstream.status, reason=upstream.reason)
     for name, value in upstream.headers.items():
         if name.lower() not in _DROP_RESPONSE:
             response.headers.add(name, value)
