@@ -89,6 +89,9 @@ async def one(
     return end - start, (first or end) - start, ok
 
 
+WARM = 20  # requests a side before the measured ones, to open and warm the connections
+
+
 class Target:
     """One side of the comparison: a base URL, its headers, and what was measured against it."""
 
@@ -115,7 +118,7 @@ class Target:
         self.errors += not ok
 
     def cpu_now(self) -> dict[int, float]:
-        return {p.pid: sum(p.cpu_times()[:2]) for p in self.watch}
+        return {p.pid: cpu_seconds(p) for p in self.watch}
 
     def charge(self, before: dict[int, float], elapsed: float) -> None:
         self.seconds += elapsed
@@ -146,7 +149,7 @@ async def compare(targets: list[Target], concurrency: int, total: int, rounds: i
     sessions = [aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) for _ in targets]
     try:
         for target, session in zip(targets, sessions, strict=True):
-            for _ in range(20):  # warm the connections
+            for _ in range(WARM):  # warm the connections
                 await one(session, target.url, target.body, target.headers)
             target.latencies.clear()
             target.ttfbs.clear()
@@ -174,6 +177,34 @@ async def compare(targets: list[Target], concurrency: int, total: int, rounds: i
     finally:
         for session in sessions:
             await session.close()
+
+
+# after a phase, long enough for what a process puts off (the agent's bookkeeping: later.DELAY, 0.1 s) to be
+# done and counted
+SETTLE = 0.5
+
+
+def cpu_seconds(proc: psutil.Process) -> float:
+    return sum(proc.cpu_times()[:2])
+
+
+async def compare_spent(
+    targets: list[Target], concurrency: int, total: int, procs: list[psutil.Process]
+) -> dict[int, float]:
+    """compare(), and each process's CPU seconds over the whole phase. A side's own figure counts what its
+    processes do while its requests are open; what they do after an answer (the bookkeeping the agent puts
+    off) falls outside every side's window, so the whole phase over the requests a process served is the
+    figure that counts everything."""
+    before = {p.pid: cpu_seconds(p) for p in procs}
+    await compare(targets, concurrency, total)
+    await asyncio.sleep(SETTLE)
+    return {p.pid: cpu_seconds(p) - before[p.pid] for p in procs}
+
+
+def per_request_us(spent: dict[int, float], proc: psutil.Process, sides: list[Target]) -> float:
+    """`proc`'s CPU a request over the phase, among every request the `sides` (those through it) sent."""
+    served = sum(len(side.latencies) + WARM for side in sides)
+    return round(spent[proc.pid] / served * 1e6, 1)
 
 
 async def drive(base: str, key: str | None, concurrency: int, stream: bool, total: int) -> Run:
@@ -325,6 +356,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     procs: list[subprocess.Popen[bytes]] = []  # stopped however the run ends, also when one fails to start
     rss: PeakRss | None = None
     runs: list[Run] = []
+    whole: list[dict[str, float]] = []  # a phase's CPU a request of each process, over all it served
     try:
         proc, agent_url, direct_url, key = start_agent(workdir, gateway_key)
         procs.append(proc)
@@ -337,6 +369,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         gateway_proc = psutil.Process(gateway.pid)
         relay_proc = psutil.Process(relay.pid)
         ollama_proc = agent_proc.children()[0]
+        watched = [agent_proc, ollama_proc, gateway_proc, relay_proc]
         rss.start()
         for concurrency, total in ((1, args.requests_c1), (64, args.requests_c64)):
             for stream in (False, True):
@@ -346,7 +379,15 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     Target("gateway", gateway_url, key, stream, [gateway_proc, agent_proc, ollama_proc]),
                     Target("relay", relay_url, key, stream, [relay_proc, agent_proc, ollama_proc]),
                 ]
-                await compare(sides, concurrency, total)
+                spent = await compare_spent(sides, concurrency, total, watched)
+                whole.append(
+                    {
+                        "agent": per_request_us(spent, agent_proc, sides[1:]),
+                        "ollama": per_request_us(spent, ollama_proc, sides),
+                        "gateway": per_request_us(spent, gateway_proc, sides[2:3]),
+                        "relay": per_request_us(spent, relay_proc, sides[3:]),
+                    }
+                )
                 pair = [side.run(concurrency, stream) for side in sides]
                 for run in pair:
                     target = run.target
@@ -374,7 +415,8 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
     agent_pid, ollama_pid = agent_proc.pid, ollama_proc.pid
     comparisons, gateway_comparisons = [], []
-    for direct, agent, through, bare in zip(runs[0::4], runs[1::4], runs[2::4], runs[3::4], strict=True):
+    quads = zip(runs[0::4], runs[1::4], runs[2::4], runs[3::4], whole, strict=True)
+    for direct, agent, through, bare, spent in quads:
         gateway_comparisons.append(
             {
                 "concurrency": agent.concurrency,
@@ -386,9 +428,11 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 "agent_rps": round(agent.rps, 1),
                 "gateway_rps": round(through.rps, 1),
                 "gateway_cpu_us_per_request": through.cpu_us_per_request[str(gateway_proc.pid)],
+                "gateway_cpu_us_all": spent["gateway"],
                 # the same hop with the frame alone (bench/relay.py), in the same run
                 "relay_added_p50_ms": round(bare.p50_ms - agent.p50_ms, 3),
                 "relay_cpu_us_per_request": bare.cpu_us_per_request[str(relay_proc.pid)],
+                "relay_cpu_us_all": spent["relay"],
             }
         )
         comparisons.append(
@@ -403,6 +447,10 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 "agent_rps": round(agent.rps, 1),
                 "ollama_cpu_us_per_request": direct.cpu_us_per_request[str(ollama_pid)],
                 "agent_cpu_us_per_request": agent.cpu_us_per_request[str(agent_pid)],
+                # over every request the agent served in the phase (its own side's, the gateway's and the
+                # relay's), with what it did after the answers
+                "agent_cpu_us_all": spent["agent"],
+                "ollama_cpu_us_all": spent["ollama"],
             }
         )
     return {
@@ -446,7 +494,7 @@ def main() -> int:
         result = asyncio.run(bench(args, Path(tmp)))
     print(
         "\n  concurrency stream  added p50  added p99  added ttfb p50  agent/direct req/s"
-        "  CPU/request: agent, ollama"
+        "  CPU/request: agent, ollama (whole phase: agent, ollama)"
     )
     for c in result["comparisons"]:
         print(
@@ -454,17 +502,19 @@ def main() -> int:
             f" {c['added_p99_ms']:>6.3f} ms"
             f" {c['added_ttfb_p50_ms']:>11.3f} ms {c['throughput_ratio']:>18.2f}"
             f"  {c['agent_cpu_us_per_request']:>6.0f} us, {c['ollama_cpu_us_per_request']:.0f} us"
+            f" ({c['agent_cpu_us_all']:.0f} us, {c['ollama_cpu_us_all']:.0f} us)"
         )
     print(
         "\n  gateway over agent: concurrency stream  added p50  added p99  gateway/agent req/s"
-        "  gateway CPU/request   bare relay: added p50, CPU/request"
+        "  gateway CPU/request (whole phase)   bare relay: added p50, CPU/request (whole phase)"
     )
     for c in result["gateway_comparisons"]:
         print(
             f"  {c['concurrency']:>30} {c['stream']!s:<6} {c['added_p50_ms']:>6.3f} ms"
             f" {c['added_p99_ms']:>6.3f} ms {c['throughput_ratio']:>20.2f}"
-            f"  {c['gateway_cpu_us_per_request']:>18.0f} us"
-            f"   {c['relay_added_p50_ms']:>21.3f} ms, {c['relay_cpu_us_per_request']:.0f} us"
+            f"  {c['gateway_cpu_us_per_request']:>10.0f} us ({c['gateway_cpu_us_all']:.0f} us)"
+            f"   {c['relay_added_p50_ms']:>18.3f} ms, {c['relay_cpu_us_per_request']:.0f} us"
+            f" ({c['relay_cpu_us_all']:.0f} us)"
         )
     mem = result["agent_memory"]
     print(

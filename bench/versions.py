@@ -26,7 +26,16 @@ import psutil
 
 import bench  # beside this file: run as a script, its folder is on the path
 
-KEYS = ("agent_add_p50_ms", "agent_cpu_us", "gateway_add_p50_ms", "gateway_cpu_us", "agent_cpu_us_gateway")
+KEYS = (
+    "direct_p50_ms",
+    "agent_add_p50_ms",
+    "agent_cpu_us",
+    "agent_cpu_us_all",
+    "gateway_add_p50_ms",
+    "gateway_cpu_us",
+    "gateway_cpu_us_all",
+    "agent_cpu_us_gateway",
+)
 
 
 async def one_run(
@@ -65,7 +74,9 @@ async def one_run(
                         bench.Target("agent", agent_url, key, stream, [agent_p, ollama_p]),
                         bench.Target("gateway", gateway_url, key, stream, [gateway_p, agent_p, ollama_p]),
                     ]
-                await bench.compare([t for name in order for t in sides[name]], concurrency, total)
+                everything = [t for name in order for t in sides[name]]
+                watched = [p for name in order for p in started[name][4:6]]
+                spent = await bench.compare_spent(everything, concurrency, total, watched)
                 for name in order:
                     agent_pid, gateway_pid = str(started[name][4].pid), str(started[name][5].pid)
                     direct, agent, gateway = (t.run(concurrency, stream) for t in sides[name])
@@ -73,10 +84,14 @@ async def one_run(
                         "version": name,
                         "concurrency": concurrency,
                         "stream": stream,
+                        "direct_p50_ms": round(direct.p50_ms, 3),
                         "agent_add_p50_ms": round(agent.p50_ms - direct.p50_ms, 3),
                         "agent_cpu_us": agent.cpu_us_per_request[agent_pid],
+                        # over the phase, every request it served (its own side's and the gateway's)
+                        "agent_cpu_us_all": bench.per_request_us(spent, started[name][4], sides[name][1:]),
                         "gateway_add_p50_ms": round(gateway.p50_ms - agent.p50_ms, 3),
                         "gateway_cpu_us": gateway.cpu_us_per_request[gateway_pid],
+                        "gateway_cpu_us_all": bench.per_request_us(spent, started[name][5], sides[name][2:]),
                         "agent_cpu_us_gateway": gateway.cpu_us_per_request[agent_pid],
                         "errors": direct.errors + agent.errors + gateway.errors,
                     }

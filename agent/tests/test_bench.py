@@ -33,6 +33,8 @@ def test_bench_quick_run_writes_json(tmp_path: Path) -> None:
         assert run["errors"] == 0 and run["requests"] > 0
     for comparison in result["comparisons"]:
         assert comparison["agent_rps"] > 0 and comparison["agent_cpu_us_per_request"] > 0
+        # and over the whole phase, what the agent does after its answers counted too
+        assert comparison["agent_cpu_us_all"] > 0 and comparison["ollama_cpu_us_all"] > 0
     # the gateway beside the agent, in the same run: every request through it answered
     assert {(c["concurrency"], c["stream"]) for c in result["gateway_comparisons"]} == {
         (c["concurrency"], c["stream"]) for c in result["comparisons"]
@@ -43,6 +45,9 @@ def test_bench_quick_run_writes_json(tmp_path: Path) -> None:
     # the bare relay (the gateway's frame alone) in the same run, beside the gateway: what the gateway adds
     # is read against it
     assert all(c["relay_cpu_us_per_request"] > 0 for c in result["gateway_comparisons"])
+    assert all(
+        c["gateway_cpu_us_all"] > 0 and c["relay_cpu_us_all"] > 0 for c in result["gateway_comparisons"]
+    )
     assert {run["target"] for run in result["runs"]} == {"direct", "agent", "gateway", "relay"}
     assert result["agent_memory"]["peak_rss_mib"] > 0
     assert "added p50" in res.stdout
