@@ -40,7 +40,9 @@ def test_minimal_config_ready_within_5s_with_model_pulled(make_agent) -> None:  
     assert ollama["models"]["missing"] == []
     messages = [e["msg"] for e in log_events(agent)]
     assert any(m.startswith("pull tinyllama:latest: pulling") for m in messages)  # progress logged
-    assert any(m.startswith("ollama: ") for m in messages)  # the child's output, with a prefix
+    # the child's output, with a prefix (read in batches: within child_output.DELAY)
+    logged = lambda: any(e["msg"].startswith("ollama: ") for e in log_events(agent))  # noqa: E731
+    wait_until(logged, 5, "the child's output logged")
     # the child listens on loopback only, on the configured port
     conns = [c for c in psutil.Process(ollama["pid"]).net_connections() if c.status == "LISTEN"]
     assert {(c.laddr.ip, c.laddr.port) for c in conns} == {("127.0.0.1", agent.config["ollama"]["port"])}
@@ -75,6 +77,12 @@ def test_child_exiting_at_once_ends_fatal_and_agent_keeps_serving(make_agent) ->
     assert code == 503
     assert "FATAL" in body["reason"] and "gave up after 3 failures" in body["reason"]
     assert "exited with code 1" in body["reason"]
+    # each time, the child's last words (why it exited) are in the log before the agent's word on it
+    messages = [e["msg"] for e in log_events(agent) if e["msg"].startswith("ollama")]
+    crash = "ollama: Error: simulated crash at start (LLMFLEET_SIM_EXIT_AT_ONCE)"
+    assert messages.count(crash) == 3
+    exits = [at for at, message in enumerate(messages) if message.startswith("ollama exited with code 1")]
+    assert len(exits) == 3 and all(messages[at - 1] == crash for at in exits), messages
     assert agent.get("/healthz")[0] == 200
     assert agent.get("/agent/idle", agent.key("operator"))[0] == 200
 

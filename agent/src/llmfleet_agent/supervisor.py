@@ -31,6 +31,7 @@ from typing import Any
 
 import aiohttp
 
+from .child_output import OutputPipe
 from .config import OllamaConfig
 from .logs import event
 from .models import normalize_model
@@ -215,12 +216,16 @@ class Supervisor:
         self._set(State.STARTING, f"starting {' '.join(self.cfg.command)}")
         if await asyncio.to_thread(_port_in_use, self.cfg.port):
             return f"port 127.0.0.1:{self.cfg.port} is already in use by another process"
-        proc = await self._spawn()
+        output = [OutputPipe(self._line_of("stdout")), OutputPipe(self._line_of("stderr"))]
+        try:
+            proc = await self._spawn(*output)
+        except BaseException:
+            for pipe in output:
+                pipe.close()
+            raise
+        for pipe in output:
+            pipe.start()
         run = self._run = _Run(proc)
-        run.tasks += [
-            asyncio.create_task(self._pipe(proc.stdout, "stdout")),
-            asyncio.create_task(self._pipe(proc.stderr, "stderr")),
-        ]
         try:
             failure = await self._wait_ready(proc)
             if failure is None:
@@ -236,6 +241,8 @@ class Supervisor:
                 failure = _describe_exit(proc.returncode)
             else:
                 await self._kill(proc)
+            for pipe in output:  # its last lines (why it exited) before the agent's word on it
+                pipe.drain()
             self.last_exit = ExitInfo(proc.returncode, time.time(), failure)
             if not self._stopping:
                 event(log, logging.WARNING, f"ollama {failure}", pid=proc.pid, code=proc.returncode)
@@ -248,9 +255,11 @@ class Supervisor:
             # nothing of the group may outlive the child
             signal_group(proc.pid, signal.SIGKILL)
             forget_group(self._group_file)
+            for pipe in output:
+                pipe.close()
             self._run = None
 
-    async def _spawn(self) -> asyncio.subprocess.Process:
+    async def _spawn(self, stdout: OutputPipe, stderr: OutputPipe) -> asyncio.subprocess.Process:
         env = {**os.environ, **self.cfg.env, "OLLAMA_HOST": f"127.0.0.1:{self.cfg.port}"}
         if self.cfg.models_dir is not None:
             env["OLLAMA_MODELS"] = str(self.cfg.models_dir)
@@ -258,8 +267,8 @@ class Supervisor:
             proc = await asyncio.create_subprocess_exec(
                 *self.cfg.command,
                 stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
+                stdout=stdout.write_fd,
+                stderr=stderr.write_fd,
                 env=env,
                 start_new_session=True,
                 preexec_fn=child_setup(os.getpid()),  # only a prctl and a getppid run there
@@ -304,19 +313,21 @@ class Supervisor:
         signal_group(proc.pid, signal.SIGKILL)
         await proc.wait()
 
-    async def _pipe(self, stream: asyncio.StreamReader | None, name: str) -> None:
-        if stream is None:
-            return
+    def _line_of(self, name: str) -> Callable[[bytes], None]:
+        """What is done with a line of the child's stdout or stderr (child_output.py reads them)."""
         fields = {"fields": {"stream": name}}
-        while line := await stream.readline():
+
+        def line(raw: bytes) -> None:
             # Ollama's per-request lines ("[GIN] ...") repeat the agent's own access log: debug level, so
             # they cost next to nothing unless asked for
-            level = logging.DEBUG if line.startswith(b"[GIN]") else logging.INFO
+            level = logging.DEBUG if raw.startswith(b"[GIN]") else logging.INFO
             if not child_log.isEnabledFor(level):
-                continue
-            text = line.decode(errors="replace").rstrip()
+                return
+            text = raw.decode(errors="replace").rstrip()
             if text:
                 child_log.log(level, "ollama: %s", text, extra=fields)
+
+        return line
 
     # ----- while RUNNING ----------------------------------------------------------------------------
     async def _watch_health(self, proc: asyncio.subprocess.Process) -> None:
