@@ -7,11 +7,13 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import psutil
 from conftest import AgentHandle
-from support import pid_alive, wait_until
+from support import free_port, pid_alive, wait_until
 
 FAST_RESTART = {"initial_delay": 0.05, "max_delay": 0.1, "max_failures": 3}
 
@@ -192,3 +194,57 @@ def test_leftover_process_group_is_reaped_at_start(make_agent) -> None:  # type:
     finally:
         if leftover.poll() is None:
             leftover.kill()
+
+
+# the supervisor alone, in a process of its own whose file descriptors run out: it cannot make the pipes
+# for the child's output, says so and retries, and starts the child once descriptors are free again
+OUT_OF_DESCRIPTORS = """
+import asyncio, os, sys, tempfile
+from pathlib import Path
+import aiohttp
+from llmfleet_agent.config import OllamaConfig
+from llmfleet_agent.supervisor import State, Supervisor
+
+async def main() -> None:
+    cfg = OllamaConfig(command=[sys.argv[1], "serve"], port=int(sys.argv[2]),
+                       restart={"initial_delay": 0.05, "max_delay": 0.1, "max_failures": 1000})
+    async with aiohttp.ClientSession() as session:
+        supervisor = Supervisor(cfg, Path(tempfile.mkdtemp()), session)
+        held = []
+        try:  # every free descriptor taken but one: the port check's socket fits, a pipe's two do not
+            while True:
+                held.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError:
+            os.close(held.pop())
+        await supervisor.start()
+        for _ in range(200):
+            await asyncio.sleep(0.05)
+            if supervisor.failures >= 2:
+                break
+        print("while out:", supervisor.state.value, supervisor.reason, flush=True)
+        for fd in held:
+            os.close(fd)
+        for _ in range(400):
+            await asyncio.sleep(0.05)
+            if supervisor.state is State.RUNNING:
+                break
+        print("after:", supervisor.state.value, flush=True)
+        await supervisor.stop()
+
+asyncio.run(main())
+"""
+
+
+def test_out_of_descriptors_for_the_output_pipes_is_a_failure_retried(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    sim = Path(sys.executable).parent / "llmfleet-ollama-sim"
+    res = subprocess.run(
+        [sys.executable, "-c", OUT_OF_DESCRIPTORS, str(sim), str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = res.stdout.splitlines()
+    assert out[0].startswith("while out: BACKOFF cannot make a pipe for its output: Too many open files"), out
+    assert out[1] == "after: RUNNING", out

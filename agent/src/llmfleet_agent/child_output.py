@@ -7,8 +7,10 @@ is there it is read `delay` later, all of it at once, and then watched again: a 
 at most a few wakeups a second, an idle one none.
 
 The pipe is enlarged (1 MiB where the system allows it) so that a child writing fast never waits on it for
-long, and `drain()` (when the child has exited) and `close()` read whatever is left, so that a child's last
-lines (why it exited) always reach the log.
+long, and `drain(final=True)` (when the child has exited) and `close()` read whatever is left, so that a
+child's last lines (why it exited) reach the log. A read takes at most `BATCH` bytes at a time: a child
+(or a grandchild) that writes faster than the agent logs never holds the event loop for more than one
+batch; the rest is read on the loop's next turn.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections.abc import Callable
 DELAY = 0.1  # seconds a line may wait before it is logged
 PIPE_SIZE = 1 << 20  # Linux's default cap for an unprivileged process (/proc/sys/fs/pipe-max-size)
 MAX_LINE = 1 << 16  # a longer line is passed on in pieces of this size
+BATCH = 1 << 18  # bytes read and passed on in one go, at most (about 20 ms of logging)
 _READ = 1 << 16
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
@@ -39,7 +42,7 @@ class OutputPipe:
         self._delay = delay
         self._partial = b""
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None  # the next read, set while the pipe is not watched
         self._watched = False
         self._ended = False  # the pipe's end was read: every writer has closed it
         self._closed = False
@@ -50,25 +53,33 @@ class OutputPipe:
         self._loop = asyncio.get_running_loop()
         self._watch()
 
-    def drain(self) -> None:
-        """Pass on every line in the pipe now (the child has exited: its last words first)."""
+    def drain(self, limit: int = BATCH, final: bool = False) -> bool:
+        """Pass on the lines in the pipe now, at most `limit` bytes of them; whether it may hold more.
+
+        `final`: the child has exited, and a last line without its end is passed on too (a grandchild
+        that still holds the pipe could keep it from ending)."""
         if self._closed or self._ended:
-            return
-        while True:
+            return False
+        taken = 0
+        while taken < limit:
             try:
-                data = os.read(self.read_fd, _READ)
+                data = os.read(self.read_fd, min(_READ, limit - taken))
             except BlockingIOError:
-                return
+                if final:
+                    self._pass_partial()
+                return False
             if not data:
                 self._end()
-                return
+                return False
+            taken += len(data)
             self._feed(data)
+        return True
 
     def close(self) -> None:
-        """What is left passed on, the pipe closed. Idempotent."""
+        """What is left (a pipe's worth at most) passed on, the pipe closed. Idempotent."""
         if self._closed:
             return
-        self.drain()
+        self.drain(PIPE_SIZE, final=True)
         self._end()
         self._closed = True
         self._close_write_end()
@@ -92,10 +103,17 @@ class OutputPipe:
         self._timer = self._loop.call_later(self._delay, self._due)
 
     def _due(self) -> None:
+        assert self._loop is not None
         self._timer = None
-        self.drain()
-        if not self._ended and not self._closed:
-            self._watch()
+        more = False
+        try:
+            more = self.drain()
+        finally:  # whatever happened to a line, the pipe is read on: a full one would stop the child
+            if not self._ended and not self._closed:
+                if more:  # the rest on the loop's next turn, after what else is waiting
+                    self._timer = self._loop.call_soon(self._due)
+                else:
+                    self._watch()
 
     def _feed(self, data: bytes) -> None:
         lines = (self._partial + data).split(b"\n")
@@ -112,9 +130,12 @@ class OutputPipe:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._pass_partial()
+
+    def _pass_partial(self) -> None:
         if self._partial:
-            self._on_line(self._partial)
-            self._partial = b""
+            partial, self._partial = self._partial, b""
+            self._on_line(partial)
 
     def _close_write_end(self) -> None:
         if self.write_fd >= 0:

@@ -31,7 +31,7 @@ from typing import Any
 
 import aiohttp
 
-from .child_output import OutputPipe
+from .child_output import PIPE_SIZE, OutputPipe
 from .config import OllamaConfig
 from .logs import event
 from .models import normalize_model
@@ -216,7 +216,14 @@ class Supervisor:
         self._set(State.STARTING, f"starting {' '.join(self.cfg.command)}")
         if await asyncio.to_thread(_port_in_use, self.cfg.port):
             return f"port 127.0.0.1:{self.cfg.port} is already in use by another process"
-        output = [OutputPipe(self._line_of("stdout")), OutputPipe(self._line_of("stderr"))]
+        output: list[OutputPipe] = []
+        try:
+            for name in ("stdout", "stderr"):
+                output.append(OutputPipe(self._line_of(name)))
+        except OSError as exc:  # no pipe for its output (out of file descriptors): a failure to retry
+            for pipe in output:
+                pipe.close()
+            return f"cannot make a pipe for its output: {exc.strerror or exc}"
         try:
             proc = await self._spawn(*output)
         except BaseException:
@@ -242,22 +249,24 @@ class Supervisor:
             else:
                 await self._kill(proc)
             for pipe in output:  # its last lines (why it exited) before the agent's word on it
-                pipe.drain()
+                pipe.drain(PIPE_SIZE, final=True)
             self.last_exit = ExitInfo(proc.returncode, time.time(), failure)
             if not self._stopping:
                 event(log, logging.WARNING, f"ollama {failure}", pid=proc.pid, code=proc.returncode)
             return failure
         finally:
             self.models_present = None
-            for task in run.tasks:
-                task.cancel()
-            await asyncio.gather(*run.tasks, return_exceptions=True)
-            # nothing of the group may outlive the child
-            signal_group(proc.pid, signal.SIGKILL)
-            forget_group(self._group_file)
-            for pipe in output:
-                pipe.close()
-            self._run = None
+            try:
+                for task in run.tasks:
+                    task.cancel()
+                await asyncio.gather(*run.tasks, return_exceptions=True)
+            finally:  # also when cancelled again while waiting for them
+                # nothing of the group may outlive the child
+                signal_group(proc.pid, signal.SIGKILL)
+                forget_group(self._group_file)
+                for pipe in output:
+                    pipe.close()
+                self._run = None
 
     async def _spawn(self, stdout: OutputPipe, stderr: OutputPipe) -> asyncio.subprocess.Process:
         env = {**os.environ, **self.cfg.env, "OLLAMA_HOST": f"127.0.0.1:{self.cfg.port}"}
