@@ -137,7 +137,9 @@ def main() -> int:
             print(line)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"versions-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
-    path.write_text(json.dumps({"bins": {k: str(v) for k, v in bins.items()}, "rows": rows}, indent=1) + "\n")
+    requests = {"c1": args.requests_c1, "c64": args.requests_c64, "runs": args.runs}  # a side's, per run
+    result = {"bins": {k: str(v) for k, v in bins.items()}, "requests": requests, "rows": rows}
+    path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"\n  written: {path}")
     return 0
 
