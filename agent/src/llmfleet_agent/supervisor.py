@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import errno
 import json
 import logging
 import os
@@ -55,6 +56,14 @@ class State(str, enum.Enum):
 
 class _Fatal(Exception):
     """A failure that retrying cannot mend."""
+
+
+class _Retry(Exception):
+    """A start that failed for want of something the system may have again soon: retried with backoff."""
+
+
+# out of file descriptors (the process's, the system's), processes or memory: none says the command is bad
+_SHORT_OF = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM})
 
 
 @dataclass
@@ -214,7 +223,11 @@ class Supervisor:
     async def _run_once(self) -> str:
         """Start the child and watch it until it exits; return why it stopped being usable."""
         self._set(State.STARTING, f"starting {' '.join(self.cfg.command)}")
-        if await asyncio.to_thread(_port_in_use, self.cfg.port):
+        try:
+            in_use = await asyncio.to_thread(_port_in_use, self.cfg.port)
+        except OSError as exc:  # no socket for the check (out of file descriptors): a failure to retry
+            return f"cannot check port 127.0.0.1:{self.cfg.port}: {exc.strerror or exc}"
+        if in_use:
             return f"port 127.0.0.1:{self.cfg.port} is already in use by another process"
         output: list[OutputPipe] = []
         try:
@@ -226,6 +239,10 @@ class Supervisor:
             return f"cannot make a pipe for its output: {exc.strerror or exc}"
         try:
             proc = await self._spawn(*output)
+        except _Retry as exc:
+            for pipe in output:
+                pipe.close()
+            return str(exc)
         except BaseException:
             for pipe in output:
                 pipe.close()
@@ -287,6 +304,8 @@ class Supervisor:
         except PermissionError:
             raise _Fatal(f"permission denied: cannot execute {self.cfg.command[0]}") from None
         except OSError as exc:
+            if exc.errno in _SHORT_OF:  # the system's limits, not the command: a failure to retry
+                raise _Retry(f"cannot start {self.cfg.command[0]}: {exc.strerror}") from None
             raise _Fatal(f"cannot start {self.cfg.command[0]}: {exc.strerror}") from None
         record_group(self._group_file, proc.pid)
         event(log, logging.INFO, "ollama spawned", pid=proc.pid, command=self.cfg.command)
