@@ -104,6 +104,7 @@ def fleet(
     keys = {
         "user": make_key(first, fleet_db, "alice", "--role", "user")[0],
         "operator": make_key(first, fleet_db, "ops", "--role", "operator")[0],
+        "admin": make_key(first, fleet_db, "root", "--role", "admin")[0],
         "tiny": make_key(first, fleet_db, "tiny-only", "--role", "user", "--models", "tinyllama*")[0],
         "webui": make_key(first, fleet_db, "open-webui", "--role", "user", "--frontend")[0],
     }
@@ -203,6 +204,20 @@ def test_one_endpoint_for_every_model_on_every_host(
         host: sorted(models) for host, models in MODELS.items()
     }
     assert http("GET", gateway.url + "/gateway/status", headers=bearer(keys["user"]))[0] == 403
+
+    # model management is done on the hosts: refused at the gateway, naming where to do it, touching none
+    for method, path, body in (
+        ("POST", "/api/pull", {"model": "tinyllama"}),
+        ("DELETE", "/api/delete", {"model": "tinyllama"}),
+        ("POST", "/api/copy", {"source": "tinyllama", "destination": "mine"}),
+    ):
+        code, answer, _ = http(method, gateway.url + path, body, bearer(keys["admin"]))
+        assert code == 501 and "agent_models" in answer["error"] and path in answer["error"], answer
+        assert http(method, gateway.url + path, body, bearer(keys["user"]))[0] == 403
+        assert http(method, gateway.url + path, body)[0] == 401
+    assert {h["id"]: h["models"] for h in gateway.status(keys["operator"])["hosts"]} == {
+        host: sorted(models) for host, models in MODELS.items()
+    }
 
 
 def test_a_host_gone_before_the_first_byte_makes_way_for_another(

@@ -8,21 +8,30 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from ..access_control import requires
 from ..app import base_app
 from ..appkeys import CONFIG, KNOWN_MODELS, UPSTREAM, UPSTREAM_CLIENT
 from ..config import Config, ConfigError
 from ..credentials import CredentialError, read_credential
-from ..http_errors import add_routes
+from ..http_errors import Handler, add_routes, defer_expect, json_error
 from ..proxy.handler import add_proxy_routes
 from ..proxy.http1 import Client
-from ..proxy.routes import ROUTES
+from ..proxy.routes import ROUTES, Kind, RouteSpec
 from .fleet import Fleet
 from .routing import FLEET, SWEEPER, WAKER, GatewayUpstream, routes
 from .sweep import Sweeper
 from .wake import Waker
 
-# the fleet's model lists are the gateway's own (the union of the hosts'); every other route is forwarded
+# the fleet's model lists are the gateway's own (the union of the hosts'); model management is refused
+# (below); every other route is forwarded
 OWN_PATHS = {("GET", "/api/tags"), ("GET", "/v1/models")}
+# Model management changes one host's models: routed by model like a chat, a pull would reach a host that
+# already has the model, a delete one host of several, a blob any host. It is done on the hosts themselves
+# (the agent role's agent_models, or a host's own agent), never half-done through the gateway.
+MANAGE_ON_THE_HOSTS = (
+    "model management is done on each host, not through the gateway: set the agent role's agent_models"
+    " and run configure.yml, or send it to a host's agent (GET /gateway/status lists the hosts)"
+)
 
 
 async def _fleet_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -69,11 +78,27 @@ async def _fleet_ctx(app: web.Application) -> AsyncIterator[None]:
     await client.close()
 
 
+def _manage_refused(spec: RouteSpec) -> Handler:
+    @requires(spec.role)  # who may not manage models hears that first, as on an agent
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = json_error(501, f"{spec.method} {spec.path}: {MANAGE_ON_THE_HOSTS}")
+        if request.body_exists:  # a blob upload's body is not read for nothing: the connection ends
+            response.force_close()
+        return response
+
+    handler.__name__ = f"refused {spec.method} {spec.path}"
+    return handler
+
+
 def create_gateway_app(cfg: Config) -> web.Application:
     if cfg.gateway is None:
         raise ConfigError("gateway: the section is required to run the gateway")
     app = base_app(cfg)
     app.cleanup_ctx.append(_fleet_ctx)
     add_routes(app, routes)
-    add_proxy_routes(app, tuple(s for s in ROUTES if (s.method, s.path) not in OWN_PATHS))
+    forwarded = [s for s in ROUTES if (s.method, s.path) not in OWN_PATHS]
+    add_proxy_routes(app, tuple(s for s in forwarded if s.kind is not Kind.MANAGE))
+    for spec in forwarded:
+        if spec.kind is Kind.MANAGE:
+            app.router.add_route(spec.method, spec.path, _manage_refused(spec), expect_handler=defer_expect)
     return app
