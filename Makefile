@@ -9,15 +9,17 @@ COLLECTION_LINK := .ansible/collections/ansible_collections/llmfleet/aws
 EMULATOR_PORT ?= 5000
 
 .PHONY: help demo test test-fast test-agent test-collection test-roles sanity lint format bench emulator emulator-stop \
-	bench-store bench-bill system-deps venv lock clean
+	bench-store bench-bill system-deps venv controller lock clean
 
 help:
-	@echo "make demo       run the agent on this machine (real ollama if on PATH, else the simulator)"
+	@echo "make demo       site.yml on the local AWS emulator, then the agent and gateway here: a chat, a wake, a sweep"
 	@echo "make test       install what is needed, lint, run every test (CI=true: nothing may skip)"
-	@echo "make test-fast  the tests without the slow system tests"
+	@echo "make test-fast  lint and the tests without the slow system tests (no molecule, no sanity)"
+	@echo "make venv       .venv with the agent, Ansible and the test tools, and the system packages the tests use"
+	@echo "make controller .venv to deploy from (Ansible, the AWS collections), without the test system's packages"
 	@echo "make lint       ruff check and format check"
 	@echo "make format     ruff format and fix"
-	@echo "make bench      the proxy against a direct connection; JSON under bench/results/"
+	@echo "make bench      the agent, the gateway and a bare relay against a direct connection; JSON in bench/results/"
 	@echo "make bench-store  the PostgreSQL store: 10M records, 30-day reports, insert rates (about 5 min)"
 	@echo "make bench-bill   the bill: an office day at 100x through the gateway, wake and sweep (about 8 min)"
 	@echo "make emulator   start the local AWS emulator on 127.0.0.1:$(EMULATOR_PORT) (make emulator-stop)"
@@ -51,6 +53,10 @@ $(COLLECTION_LINK):
 	@ln -sfn ../../../.. $@
 
 venv: system-deps $(BIN)/.installed $(COLLECTION_LINK)
+
+# a controller that only deploys: the same .venv without the test system's packages (podman, PostgreSQL,
+# Samba); needs python3 with venv (Debian: python3-venv)
+controller: $(BIN)/.installed $(COLLECTION_LINK)
 
 PY_DIRS := agent bench scripts plugins tests
 
