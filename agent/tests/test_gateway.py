@@ -10,6 +10,7 @@ import json
 import secrets
 import time
 from collections.abc import Iterator
+from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +216,16 @@ def test_one_endpoint_for_every_model_on_every_host(
         assert code == 501 and "agent_models" in answer["error"] and path in answer["error"], answer
         assert http(method, gateway.url + path, body, bearer(keys["user"]))[0] == 403
         assert http(method, gateway.url + path, body)[0] == 401
+    # a blob upload: refused before its body is read, and its connection ends rather than read it (a
+    # client that keeps connections alive: urllib asks every answer to close)
+    conn = HTTPConnection("127.0.0.1", gateway.port, timeout=10)
+    try:
+        conn.request("POST", "/api/blobs/sha256:" + "0" * 64, b"x" * 4096, bearer(keys["admin"]))
+        answer = conn.getresponse()
+        assert answer.status == 501 and b"agent_models" in answer.read()
+        assert answer.getheader("Connection") == "close"
+    finally:
+        conn.close()
     assert {h["id"]: h["models"] for h in gateway.status(keys["operator"])["hosts"]} == {
         host: sorted(models) for host, models in MODELS.items()
     }
