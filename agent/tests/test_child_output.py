@@ -13,8 +13,6 @@ import time
 
 from llmfleet_agent.child_output import DELAY, MAX_LINE, PIPE_SIZE, OutputPipe
 
-F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
-
 
 async def run_child(code: str, pipe: OutputPipe) -> int:
     proc = await asyncio.create_subprocess_exec(
@@ -85,7 +83,7 @@ def test_the_pipe_is_enlarged_where_the_system_allows() -> None:
     try:
         with open("/proc/sys/fs/pipe-max-size") as f:
             cap = int(f.read())
-        size = fcntl.fcntl(pipe.read_fd, F_GETPIPE_SZ)
+        size = fcntl.fcntl(pipe.read_fd, fcntl.F_GETPIPE_SZ)
         assert size == PIPE_SIZE if cap >= PIPE_SIZE else size >= 65536
     finally:
         pipe.close()

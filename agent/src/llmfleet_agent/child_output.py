@@ -26,7 +26,6 @@ PIPE_SIZE = 1 << 20  # Linux's default cap for an unprivileged process (/proc/sy
 MAX_LINE = 1 << 16  # a longer line is passed on in pieces of this size
 BATCH = 1 << 18  # bytes read and passed on in one go, at most (about 20 ms of logging)
 _READ = 1 << 16
-_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
 class OutputPipe:
@@ -37,7 +36,7 @@ class OutputPipe:
         self.read_fd, self.write_fd = os.pipe()
         os.set_blocking(self.read_fd, False)  # the read end's own flag: the child's end stays blocking
         with contextlib.suppress(OSError):  # above the system's cap: the default size (64 KiB) stays
-            fcntl.fcntl(self.read_fd, _F_SETPIPE_SZ, PIPE_SIZE)
+            fcntl.fcntl(self.read_fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         self._on_line = on_line
         self._delay = delay
         self._partial = b""

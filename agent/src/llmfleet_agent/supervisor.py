@@ -231,21 +231,17 @@ class Supervisor:
             return f"port 127.0.0.1:{self.cfg.port} is already in use by another process"
         output: list[OutputPipe] = []
         try:
-            for name in ("stdout", "stderr"):
-                output.append(OutputPipe(self._line_of(name)))
-        except OSError as exc:  # no pipe for its output (out of file descriptors): a failure to retry
-            for pipe in output:
-                pipe.close()
-            return f"cannot make a pipe for its output: {exc.strerror or exc}"
-        try:
+            try:
+                for name in ("stdout", "stderr"):
+                    output.append(OutputPipe(self._line_of(name)))
+            except OSError as exc:  # out of file descriptors
+                raise _Retry(f"cannot make a pipe for its output: {exc.strerror or exc}") from None
             proc = await self._spawn(*output)
-        except _Retry as exc:
+        except BaseException as exc:
             for pipe in output:
                 pipe.close()
-            return str(exc)
-        except BaseException:
-            for pipe in output:
-                pipe.close()
+            if isinstance(exc, _Retry):
+                return str(exc)
             raise
         for pipe in output:
             pipe.start()
